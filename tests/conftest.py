@@ -1,0 +1,27 @@
+"""Test set-up: JAX on CPU with 8 fake devices, so sharding is exercised for real."""
+
+import os
+
+# Must be set before jax initialises its backends.
+os.environ["JAX_PLATFORMS"] = "cpu"
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_platforms", "cpu")
+
+
+@pytest.fixture
+def key():
+  return jax.random.key(0)
+
+
+@pytest.fixture(scope="session")
+def mesh8():
+  """A 1-D mesh over the 8 fake CPU devices, batch axis named ``data``."""
+  devices = jax.devices()
+  assert len(devices) == 8, f"expected 8 fake CPU devices, got {len(devices)}"
+  return jax.make_mesh((8,), ("data",), devices=devices)
