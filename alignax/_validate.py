@@ -1,0 +1,42 @@
+"""Argument checks shared by the pure functions. All run at trace time on static shapes and Python
+hyper-parameters, so a bad call fails before any compute with a message that names the argument."""
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+
+def choice(name: str, value: Any, options: Collection[Any]) -> None:
+  """Raises ValueError unless ``value`` is one of ``options``."""
+  if value not in options:
+    raise ValueError(f"{name}={value!r} is not supported; choose one of {sorted(map(str, options))}")
+
+
+def non_negative(name: str, value: float | None) -> None:
+  if value is not None and not value >= 0:  # also rejects NaN
+    raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+def positive(name: str, value: float | None) -> None:
+  if value is not None and not value > 0:
+    raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def in_unit_interval(name: str, value: float, *, closed_right: bool = False) -> None:
+  ok = 0 <= value <= 1 if closed_right else 0 <= value < 1
+  if not ok:
+    right = "]" if closed_right else ")"
+    raise ValueError(f"{name} must lie in [0, 1{right}, got {value!r}")
+
+
+def same_shape(arrays: Mapping[str, Any]) -> tuple[int, ...]:
+  """Raises ValueError naming the arguments unless every non-None array has one shape; returns it."""
+  shapes = {k: tuple(v.shape) for k, v in arrays.items() if v is not None}
+  if len(set(shapes.values())) > 1:
+    listing = ", ".join(f"{k}{list(s)}" for k, s in shapes.items())
+    raise ValueError(f"shape mismatch: {listing} must all have the same shape")
+  return next(iter(shapes.values()), ())
+
+
+def min_rank(name: str, x: Any, rank: int, dims: str) -> None:
+  if x.ndim < rank:
+    raise ValueError(f"{name} must have at least {rank} dims {dims}, got shape {list(x.shape)}")
