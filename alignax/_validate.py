@@ -2,6 +2,7 @@
 hyper-parameters, so a bad call fails before any compute with a message that names the argument."""
 
 from collections.abc import Collection, Mapping
+from numbers import Real
 from typing import Any
 
 
@@ -11,17 +12,17 @@ def choice(name: str, value: Any, options: Collection[Any]) -> None:
     raise ValueError(f"{name}={value!r} is not supported; choose one of {sorted(map(str, options))}")
 
 
-def non_negative(name: str, value: float | None) -> None:
+def non_negative(name: str, value: Real | None) -> None:
   if value is not None and not value >= 0:  # also rejects NaN
     raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
-def positive(name: str, value: float | None) -> None:
+def positive(name: str, value: Real | None) -> None:
   if value is not None and not value > 0:
     raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
-def in_unit_interval(name: str, value: float, *, closed_right: bool = False) -> None:
+def in_unit_interval(name: str, value: Real, *, closed_right: bool = False) -> None:
   ok = 0 <= value <= 1 if closed_right else 0 <= value < 1
   if not ok:
     right = "]" if closed_right else ")"
@@ -40,3 +41,15 @@ def same_shape(arrays: Mapping[str, Any]) -> tuple[int, ...]:
 def min_rank(name: str, x: Any, rank: int, dims: str) -> None:
   if x.ndim < rank:
     raise ValueError(f"{name} must have at least {rank} dims {dims}, got shape {list(x.shape)}")
+
+
+def static_or_none(value: Any) -> float | None:
+  """A hyper-parameter's Python value when it is known at trace time, else None (a traced array).
+
+  Lets a check such as ``non_negative("beta", static_or_none(beta))`` reject a bad constant while
+  still accepting a coefficient that is itself a jitted array (an adaptive KL coefficient, say).
+  """
+  try:
+    return float(value)
+  except TypeError:  # a tracer (ConcretizationTypeError subclasses TypeError), or not a scalar
+    return None

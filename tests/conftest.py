@@ -9,7 +9,12 @@ if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
+import jaxtyping  # noqa: E402
 import pytest  # noqa: E402
+
+# Check every jaxtyping annotation in alignax at call time (tests/_typecheck.py says how). Installed
+# here, before any test module imports alignax, so the hook sees every alignax module.
+jaxtyping.install_import_hook("alignax", "_typecheck.typechecker")
 
 jax.config.update("jax_platforms", "cpu")
 

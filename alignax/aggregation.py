@@ -1,0 +1,201 @@
+r"""Masked reductions of per-token quantities, and the loss-aggregation modes.
+
+How a ``[*b, T]`` per-token loss becomes a scalar is the knob the length-bias papers are about
+(GRPO, DAPO, Dr. GRPO): the same per-token loss weights long and short sequences differently under
+each mode. ``aggregate`` makes the choice explicit; every other reduction in alignax goes through
+``masked_sum`` / ``masked_mean`` so that padding never contributes to values or gradients.
+
+Masks are boolean, ``True`` on valid tokens, and have exactly the shape of the data they mask.
+Masked entries are excluded with ``jnp.where`` on the *input*: if they hold NaN or inf the result is
+still finite, but a NaN produced upstream by an op whose own gradient is NaN (``log(0)``, say) still
+needs guarding where it is produced.
+"""
+
+from typing import Literal, get_args
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float
+
+from alignax import _validate
+
+AggMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
+                  "seq_mean_token_sum_norm"]
+AGG_MODES: tuple[str, ...] = get_args(AggMode)
+
+Axis = int | tuple[int, ...] | None
+
+
+def _check_mask(x: Array, mask: Array, x_name: str = "x") -> None:
+  if mask.dtype != jnp.bool_:
+    raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
+  _validate.same_shape({x_name: x, "mask": mask})
+
+
+def masked_sum(x: Float[ArrayLike, "*s"], mask: Bool[ArrayLike, "*s"], *,
+               axis: Axis = None) -> Float[Array, "*r"]:
+  r"""Sum of the valid entries: :math:`\sum_i m_i x_i`.
+
+  Args:
+    x: values, any shape.
+    mask: boolean, same shape as ``x``; ``True`` keeps an entry.
+    axis: axis or axes to reduce (``None``: all).
+
+  Returns:
+    ``x`` summed over ``axis`` with masked entries contributing exactly 0 (value and gradient).
+  """
+  x, mask = jnp.asarray(x), jnp.asarray(mask)
+  _check_mask(x, mask)
+  return jnp.sum(jnp.where(mask, x, 0), axis=axis)
+
+
+def last_valid_token(mask: Bool[ArrayLike, "*b T"]) -> Bool[Array, "*b T"]:
+  """One-hot over ``T`` of the last ``True`` of each row; all ``False`` where a row has none."""
+  mask = jnp.asarray(mask)
+  length = mask.shape[-1]
+  last = length - 1 - jnp.argmax(mask[..., ::-1], axis=-1)
+  return (jnp.arange(length) == last[..., None]) & mask
+
+
+def masked_count(mask: Bool[ArrayLike, "*s"], *, axis: Axis = None) -> Float[Array, "*r"]:
+  """Number of valid entries over ``axis``, as float32 (the denominator of ``masked_mean``)."""
+  return jnp.sum(jnp.asarray(mask), axis=axis, dtype=jnp.float32)
+
+
+def masked_mean(x: Float[ArrayLike, "*s"], mask: Bool[ArrayLike, "*s"], *,
+                axis: Axis = None) -> Float[Array, "*r"]:
+  r"""Mean of the valid entries: :math:`\sum_i m_i x_i / \max(1, \sum_i m_i)`.
+
+  A slice with no valid entry has mean 0 and zero (finite) gradient: the denominator is clamped at 1
+  instead of dividing 0 by 0 and patching the NaN afterwards.
+
+  Args:
+    x: values, any shape.
+    mask: boolean, same shape as ``x``.
+    axis: axis or axes to reduce (``None``: all).
+
+  Returns:
+    The masked mean over ``axis``.
+  """
+  x, mask = jnp.asarray(x), jnp.asarray(mask)
+  total = masked_sum(x, mask, axis=axis)
+  count = masked_count(mask, axis=axis)
+  return total / jnp.maximum(count, 1.0).astype(total.dtype)
+
+
+def masked_var(x: Float[ArrayLike, "*s"], mask: Bool[ArrayLike, "*s"], *, axis: Axis = None,
+               ddof: int = 1) -> Float[Array, "*r"]:
+  r"""Masked variance, :math:`\sum_i m_i (x_i - \bar x)^2 / \max(1, n - \mathrm{ddof})`.
+
+  ``ddof=1`` (the default) is Bessel's correction, as the PPO implementations whiten advantages
+  (``masked_whiten`` in TRL and verl). Fewer than ``ddof + 1`` valid entries give 0.
+
+  Args:
+    x: values, any shape.
+    mask: boolean, same shape as ``x``.
+    axis: axis or axes to reduce (``None``: all).
+    ddof: delta degrees of freedom, ``>= 0``.
+
+  Returns:
+    The masked variance over ``axis``.
+  """
+  _validate.non_negative("ddof", float(ddof))
+  x, mask = jnp.asarray(x), jnp.asarray(mask)
+  mean = masked_mean(x, mask, axis=axis)
+  if axis is not None:
+    mean = jnp.expand_dims(mean, axis)
+  centred = masked_sum(jnp.square(x - mean), mask, axis=axis)
+  dof = masked_count(mask, axis=axis) - ddof
+  return centred / jnp.maximum(dof, 1.0).astype(centred.dtype)
+
+
+def masked_whiten(x: Float[ArrayLike, "*s"], mask: Bool[ArrayLike, "*s"], *,
+                  shift_mean: bool = True, eps: float = 1e-8, ddof: int = 1,
+                  axis: Axis = None) -> Float[Array, "*s"]:
+  r"""Masked whitening, :math:`(x - \mu) / \sqrt{\sigma^2 + \epsilon}` (+ :math:`\mu`).
+
+  :math:`\mu` and :math:`\sigma^2` are the masked mean and (Bessel-corrected by default) variance
+  over ``axis`` (default: every entry, i.e. global batch whitening as PPO and REINFORCE++ apply to
+  advantages). With ``shift_mean=False`` the mean is added back, so only the scale changes (TRL's
+  ``whiten_rewards``). Masked entries are returned as 0.
+
+  Args:
+    x: values, any shape.
+    mask: boolean, same shape as ``x``.
+    shift_mean: subtract the mean (``True``) or keep it (``False``).
+    eps: added to the variance before the square root, ``> 0``.
+    ddof: delta degrees of freedom of the variance.
+    axis: axis or axes over which the statistics are taken (``None``: all).
+
+  Returns:
+    Whitened ``x``, same shape, 0 on masked entries.
+  """
+  _validate.positive("eps", eps)
+  x, mask = jnp.asarray(x), jnp.asarray(mask)
+  mean = masked_mean(x, mask, axis=axis)
+  var = masked_var(x, mask, axis=axis, ddof=ddof)
+  if axis is not None:
+    mean, var = jnp.expand_dims(mean, axis), jnp.expand_dims(var, axis)
+  white = (x - mean) * jax.lax.rsqrt(var + eps)
+  if not shift_mean:
+    white = white + mean
+  return jnp.where(mask, white, 0)
+
+
+def aggregate(per_token: Float[ArrayLike, "*b T"], mask: Bool[ArrayLike, "*b T"], *, mode: AggMode,
+              max_len: int | None = None) -> Float[Array, ""]:
+  r"""Reduces a per-token loss :math:`\ell_{i,t}` over sequences :math:`i` and tokens :math:`t`.
+
+  With :math:`m_{i,t}` the mask, :math:`|o_i| = \sum_t m_{i,t}` and :math:`N` sequences (the product
+  of the leading dims):
+
+  * ``token_mean``: :math:`\sum_{i,t} m_{i,t}\ell_{i,t} / \sum_i |o_i|` -- one global mean over all
+    valid tokens of the batch; every token weighs the same, so long answers are not down-weighted.
+    DAPO (Yu et al. 2025, Eq. 8, "token-level policy gradient loss"); TRL
+    ``loss_type="dapo"``/"bnpo", verl/OpenRLHF default ``token-mean``.
+  * ``seq_mean_token_mean``: :math:`\frac1N\sum_i \frac1{|o_i|}\sum_t m_{i,t}\ell_{i,t}` --
+    per-sequence mean, then mean over sequences; a token of a short answer weighs more. GRPO (Shao
+    et al. 2024, Eq. 3); TRL ``loss_type="grpo"``.
+  * ``seq_mean_token_sum``: :math:`\frac1N\sum_i \sum_t m_{i,t}\ell_{i,t}` -- per-sequence sum, then
+    mean over sequences (verl ``seq-mean-token-sum``).
+  * ``seq_mean_token_sum_norm``: :math:`\frac1{N\cdot L}\sum_{i,t} m_{i,t}\ell_{i,t}` with the
+    constant :math:`L` = ``max_len`` -- per-sequence sum over a constant normaliser; no length bias.
+    Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", Eq. 5 / Sec. 3.1); TRL
+    ``loss_type="dr_grpo"``, verl ``seq-mean-token-sum-norm``.
+
+  Papers normalise differently: GRPO divides by each sequence's own length, DAPO by the batch's
+  total token count, Dr. GRPO by a constant. DAPO's equations normalise per group; here (as in verl
+  and TRL) ``token_mean`` is over the whole batch, which is what sharded training computes; a
+  per-group token mean would still be length-biased, as its normaliser grows with each sample's own
+  length.
+
+  Sequences with no valid token count towards :math:`N` and contribute 0 (``seq_*`` modes); an
+  all-masked batch gives 0 with finite gradients. Under ``jax.jit`` with a sharded batch the sums
+  are global, so ``token_mean`` remains the global token mean.
+
+  Args:
+    per_token: per-token loss, shape ``[*b, T]`` (at least 1-D).
+    mask: boolean, same shape; ``True`` on tokens that count.
+    mode: one of ``AGG_MODES``.
+    max_len: the constant :math:`L` of ``seq_mean_token_sum_norm`` (required there, ``> 0``);
+      usually the maximum generation length, not the padded ``T`` of this batch.
+
+  Returns:
+    A scalar.
+  """
+  _validate.choice("mode", mode, AGG_MODES)
+  per_token, mask = jnp.asarray(per_token), jnp.asarray(mask)
+  _validate.min_rank("per_token", per_token, 1, "[*b, T]")
+  _check_mask(per_token, mask, "per_token")
+  if mode == "seq_mean_token_sum_norm":
+    if max_len is None:
+      raise ValueError("max_len is required for mode='seq_mean_token_sum_norm' (Dr. GRPO)")
+    _validate.positive("max_len", float(max_len))
+  if mode == "token_mean":
+    return masked_mean(per_token, mask)
+  if mode == "seq_mean_token_mean":
+    return jnp.mean(masked_mean(per_token, mask, axis=-1))
+  seq_sums = masked_sum(per_token, mask, axis=-1)
+  if mode == "seq_mean_token_sum":
+    return jnp.mean(seq_sums)
+  return jnp.mean(seq_sums) / max_len
