@@ -6,4 +6,10 @@ pyproject.toml maps this folder to ``alignax.kernels``. Imported under any other
 """
 
 if __name__ == "alignax.kernels":
-  pass  # public kernel API re-exported here
+  from alignax.kernels.api import IMPLEMENTATIONS as IMPLEMENTATIONS
+  from alignax.kernels.api import TokenLogprobs as TokenLogprobs
+  from alignax.kernels.api import implementation as implementation
+  from alignax.kernels.api import token_kl as token_kl
+  from alignax.kernels.api import token_logprobs as token_logprobs
+  from alignax.kernels.common import KLStats as KLStats
+  from alignax.kernels.common import VocabStats as VocabStats

@@ -1,0 +1,408 @@
+"""Public entry points: per-token log-probs, entropy and KL straight from hidden states and LM head.
+
+Both functions flatten any leading batch dims, apply the mask, pick an implementation
+(``"pallas"``, ``"chunked"`` or ``"reference"``), and optionally run it under ``jax.shard_map``:
+tokens split over every mesh axis except ``vocab_axis``, and the head's vocabulary rows split over
+``vocab_axis``. Each device then computes the statistics of its own vocabulary shard and the shards
+are combined exactly with ``pmax``/``psum`` of [N]-sized vectors, so the full vocabulary is never
+gathered on one device.
+"""
+
+import importlib
+from types import ModuleType
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
+from jaxtyping import Array, Bool, Float, Int
+
+from alignax import _validate
+from alignax.kernels import common
+from alignax.kernels.common import KLStats, VocabStats
+
+IMPLEMENTATIONS = ("auto", "pallas", "chunked", "reference")
+
+
+class TokenLogprobs(NamedTuple):
+  """Per-token outputs of ``token_logprobs`` when extras are requested (None when not requested).
+
+  Attributes:
+    logp: log π(target | context) [*b].
+    entropy: H(π(· | context)) = lse − E_π[z] [*b], or None.
+    lse: log Σ_j exp z_j [*b] (e.g. for a z-loss), or None.
+  """
+
+  logp: Float[Array, "*b"]
+  entropy: Float[Array, "*b"] | None
+  lse: Float[Array, "*b"] | None
+
+
+def implementation(impl: str) -> ModuleType:
+  """The kernel module for ``impl``; ``"auto"`` = pallas on GPU/TPU, chunked on CPU."""
+  _validate.choice("impl", impl, IMPLEMENTATIONS)
+  if impl == "auto":
+    impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "chunked"
+  return importlib.import_module(f"alignax.kernels.{impl}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Argument checks.
+
+
+def _check_head(
+  hidden: Array, head: Array, bias: Array | None, *, hidden_name: str, head_name: str,
+  bias_name: str,
+) -> None:
+  _validate.min_rank(hidden_name, hidden, 2, "[..., d]")
+  if head.ndim != 2 or head.shape[1] != hidden.shape[-1]:
+    raise ValueError(
+      f"{head_name} must be [V, d] with d={hidden.shape[-1]} from {hidden_name}, "
+      f"got shape {list(head.shape)}"
+    )
+  if bias is not None and bias.shape != head.shape[:1]:
+    raise ValueError(
+      f"{bias_name} must be [V] with V={head.shape[0]} from {head_name}, "
+      f"got shape {list(bias.shape)}"
+    )
+
+
+def _check_tokens(
+  name: str, x: Array | None, batch_shape: tuple[int, ...], hidden_name: str
+) -> None:
+  if x is not None and tuple(x.shape) != batch_shape:
+    raise ValueError(
+      f"{name} must have shape {list(batch_shape)} (the leading dims of {hidden_name}), "
+      f"got {list(x.shape)}"
+    )
+
+
+def _check_options(
+  *, temperature: float, softcap: float | None, logit_scale: float, valid_vocab: int | None,
+  vocab_size: int, mask: Array | None,
+) -> None:
+  common.check_options(
+    temperature=temperature, softcap=softcap, logit_scale=logit_scale, vocab_offset=0,
+    valid_vocab=valid_vocab,
+  )
+  if valid_vocab is not None and valid_vocab > vocab_size:
+    raise ValueError(f"valid_vocab={valid_vocab} exceeds the head's {vocab_size} rows")
+  if mask is not None and mask.dtype != jnp.bool_:
+    raise ValueError(f"mask must be boolean, got dtype {mask.dtype}")
+
+
+def _check_mesh(mesh: Mesh | None, vocab_axis: str | None, vocab_size: int) -> None:
+  if vocab_axis is None:
+    return
+  if mesh is None:
+    raise ValueError(f"vocab_axis={vocab_axis!r} needs a mesh")
+  _validate.choice("vocab_axis", vocab_axis, mesh.axis_names)
+  if vocab_size % mesh.shape[vocab_axis]:
+    raise ValueError(
+      f"lm_head has {vocab_size} rows, not divisible by the {mesh.shape[vocab_axis]} devices of "
+      f"mesh axis {vocab_axis!r}; pad the head and pass valid_vocab"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Running one implementation, optionally sharded.
+
+
+def _shard_branches(
+  num_shards: int, shard_vocab: int, valid_vocab: int | None
+) -> tuple[list, Array]:
+  """The distinct per-shard ``valid_vocab`` values (None = all valid, 0 = empty) and which shard
+  uses which, so every shard runs with static options."""
+  per_shard = []
+  for shard in range(num_shards):
+    valid = shard_vocab if valid_vocab is None else min(max(valid_vocab - shard * shard_vocab, 0),
+                                                        shard_vocab)
+    per_shard.append(None if valid == shard_vocab else valid)
+  branches = sorted(set(per_shard), key=lambda v: -1 if v is None else v)
+  return branches, jnp.asarray([branches.index(v) for v in per_shard], jnp.int32)
+
+
+def _widen_reduction(x: Array, axes: tuple[str, ...]) -> Array:
+  """Marks x as varying over ``axes`` through an fp32 round trip.
+
+  Forward this is a no-op; backward, the cotangent's sum over ``axes`` (the transpose of the
+  broadcast) then runs in fp32 rather than in x's (possibly bf16) dtype.
+  """
+  if not axes:
+    return x
+  return lax.pcast(x.astype(jnp.float32), axes, to="varying").astype(x.dtype)
+
+
+def _place(x: Array | None, mesh: Mesh | AbstractMesh, spec: PartitionSpec | None) -> Array | None:
+  """Lays x out as shard_map's in_specs expect (a reshard on meshes with explicit axes)."""
+  if x is None:
+    return None
+  sharding = NamedSharding(mesh, spec)
+  if AxisType.Explicit in mesh.axis_types:
+    return jax.reshard(x, sharding)
+  return lax.with_sharding_constraint(x, sharding)
+
+
+def _run(
+  stats_fn, empty_stats, psum_stats, token_args: tuple, head_args: tuple, targets: Array | None,
+  *, mesh: Mesh | None, vocab_axis: str | None, valid_vocab: int | None,
+):
+  """Calls ``stats_fn(token_args, head_args, targets, valid_vocab)`` on the whole problem, or per
+  device under ``shard_map`` (tokens over the non-vocab axes, head rows over ``vocab_axis``)."""
+  if mesh is None:
+    # Inputs laid out on a mesh with explicit axes cannot be sliced block by block as if they were
+    # whole; run per device on that mesh instead, keeping a head split over one axis split
+    # (with auto axes, jit partitions the plain call).
+    layout = jax.typeof(token_args[0]).sharding
+    if AxisType.Explicit not in getattr(layout.mesh, "axis_types", ()):
+      return stats_fn(token_args, head_args, targets, valid_vocab)
+    mesh = layout.mesh
+    head_rows = jax.typeof(head_args[0]).sharding.spec
+    if head_rows and isinstance(head_rows[0], str):
+      vocab_axis = head_rows[0]
+
+  token_axes = tuple(a for a in mesh.axis_names if a != vocab_axis and mesh.shape[a] > 1)
+  vocab_axes = () if vocab_axis is None else (vocab_axis,)
+  num_tokens = token_args[0].shape[0]
+  token_shards = int(np.prod([mesh.shape[a] for a in token_axes]))
+  padded = common.round_up(num_tokens, token_shards)
+  token_args = tuple(common.pad_axis(x, padded) for x in token_args)
+  if targets is not None:
+    targets = common.pad_axis(targets, padded)
+  vocab_size = head_args[0].shape[0]
+  num_vocab_shards = mesh.shape[vocab_axis] if vocab_axis else 1
+  shard_vocab = vocab_size // num_vocab_shards
+  branches, branch_of_shard = _shard_branches(num_vocab_shards, shard_vocab, valid_vocab)
+
+  def per_device(token_args, head_args, targets):
+    token_args = tuple(_widen_reduction(x, vocab_axes) for x in token_args)
+    head_args = tuple(None if x is None else _widen_reduction(x, token_axes) for x in head_args)
+    if not vocab_axes:
+      return stats_fn(token_args, head_args, targets, valid_vocab)
+    shard = lax.axis_index(vocab_axis)
+    if targets is not None:
+      targets = targets - shard * shard_vocab
+
+    def branch(valid):
+      if valid == 0:  # a shard made only of vocabulary padding
+        return lambda *args: jax.tree.map(
+          lambda x: lax.pcast(x, token_axes + vocab_axes, to="varying"),
+          empty_stats(args[0][0].shape[0]),
+        )
+      return lambda t, h, y: stats_fn(t, h, y, valid)
+
+    if len(branches) == 1:
+      stats = branch(branches[0])(token_args, head_args, targets)
+    else:
+      stats = lax.switch(
+        branch_of_shard[shard], [branch(v) for v in branches], token_args, head_args, targets
+      )
+    return psum_stats(stats, vocab_axis)
+
+  tokens = PartitionSpec(token_axes or None)
+  specs = (
+    tuple(PartitionSpec(token_axes or None, None) for _ in token_args),
+    tuple(None if x is None else PartitionSpec(vocab_axis, *([None] * (x.ndim - 1)))
+          for x in head_args),
+    None if targets is None else tokens,
+  )
+  args = jax.tree.map(
+    lambda x, spec: _place(x, mesh, spec), (token_args, head_args, targets), specs,
+    is_leaf=lambda x: x is None,
+  )
+  stats = jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=tokens)(*args)
+  if padded == num_tokens:
+    return stats
+  # An uneven slice of a sharded axis is not allowed; the [N]-sized results are cheap to gather.
+  return jax.tree.map(lambda x: _place(x, mesh, PartitionSpec())[:num_tokens], stats)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API.
+
+
+def token_logprobs(
+  hidden: Float[Array, "*b d"],
+  lm_head: Float[Array, "V d"],
+  targets: Int[Array, "*b"],
+  *,
+  mask: Bool[Array, "*b"] | None = None,
+  bias: Float[Array, "V"] | None = None,
+  temperature: float = 1.0,
+  softcap: float | None = None,
+  logit_scale: float = 1.0,
+  valid_vocab: int | None = None,
+  return_entropy: bool = False,
+  return_lse: bool = False,
+  impl: str = "auto",
+  mesh: Mesh | None = None,
+  vocab_axis: str | None = None,
+  **impl_options,
+) -> Float[Array, "*b"] | TokenLogprobs:
+  """log π(y_t | context) = z_{y_t} − log Σ_j exp z_j, with z = cap(s · h Wᵀ + b) / T, fused.
+
+  The logits never exist as a [tokens, V] array (except with ``impl="reference"``): the statistics
+  are accumulated over vocabulary blocks with an online log-sum-exp in fp32, and the backward pass
+  recomputes them block by block. ``softcap`` is Gemma 2's final-logit soft-capping
+  c · tanh(z / c); the temperature divides the capped logits, as samplers do. Entropy is
+  H = lse − Σ_j π_j z_j.
+
+  Args:
+    hidden: final hidden states [*b, d] (any leading dims, e.g. [B, T, d]).
+    lm_head: LM-head / unembedding matrix [V, d] (pass the embedding table for tied embeddings).
+    targets: target token ids [*b]; an id outside [0, V) gives logp = −lse.
+    mask: boolean [*b]; False tokens give 0 (and zero gradient), their hidden rows are not used.
+    bias: LM-head bias [V], optional.
+    temperature: T > 0 (the sampling temperature whose policy is scored).
+    softcap: c > 0 or None.
+    logit_scale: s, multiplies h Wᵀ before the bias (e.g. 1/√d heads, muP output multipliers).
+    valid_vocab: rows >= this of a padded head are excluded from the softmax.
+    return_entropy: also return the entropy.
+    return_lse: also return the log-partition lse.
+    impl: ``"auto"`` (pallas on GPU/TPU, chunked on CPU), ``"pallas"``, ``"chunked"`` or
+      ``"reference"`` (materialises the logits).
+    mesh: run under ``jax.shard_map`` on this mesh: tokens split over its axes other than
+      ``vocab_axis`` (padded to a multiple of their size).
+    vocab_axis: mesh axis over which the head's rows are split (V must divide evenly).
+    **impl_options: forwarded to the implementation (e.g. ``token_block``, ``vocab_block`` for
+      chunked; ``interpret=True`` for pallas on CPU).
+
+  Returns:
+    fp32 log-probs [*b]; or, when ``return_entropy`` or ``return_lse``, a ``TokenLogprobs``.
+  """
+  _check_head(hidden, lm_head, bias, hidden_name="hidden", head_name="lm_head", bias_name="bias")
+  batch_shape = tuple(hidden.shape[:-1])
+  _check_tokens("targets", targets, batch_shape, "hidden")
+  _check_tokens("mask", mask, batch_shape, "hidden")
+  if not jnp.issubdtype(targets.dtype, jnp.integer):
+    raise ValueError(f"targets must be an integer array, got dtype {targets.dtype}")
+  _check_options(
+    temperature=temperature, softcap=softcap, logit_scale=logit_scale, valid_vocab=valid_vocab,
+    vocab_size=lm_head.shape[0], mask=mask,
+  )
+  _check_mesh(mesh, vocab_axis, lm_head.shape[0])
+  kernel = implementation(impl)
+
+  hidden = hidden.reshape(-1, hidden.shape[-1])
+  targets = targets.reshape(-1).astype(jnp.int32)
+  if mask is not None:
+    mask = mask.reshape(-1)
+    hidden = jnp.where(mask[:, None], hidden, jnp.zeros((), hidden.dtype))
+
+  def stats_fn(token_args, head_args, targets, valid):
+    return kernel.vocab_stats(
+      token_args[0], head_args[0], targets, bias=head_args[1], temperature=temperature,
+      softcap=softcap, logit_scale=logit_scale, valid_vocab=valid, **impl_options,
+    )
+
+  def empty_stats(n):
+    return VocabStats(jnp.full((n,), -jnp.inf), jnp.zeros((n,)), jnp.zeros((n,)))
+
+  stats = _run(
+    stats_fn, empty_stats, common.psum_vocab_stats, (hidden,), (lm_head, bias), targets,
+    mesh=mesh, vocab_axis=vocab_axis, valid_vocab=valid_vocab,
+  )
+
+  def finish(x):
+    if mask is not None:
+      x = jnp.where(mask, x, 0.0)
+    return x.reshape(batch_shape)
+
+  logp = finish(stats.target_logit - stats.lse)
+  if not (return_entropy or return_lse):
+    return logp
+  return TokenLogprobs(
+    logp,
+    finish(stats.lse - stats.expected_logit) if return_entropy else None,
+    finish(stats.lse) if return_lse else None,
+  )
+
+
+def token_kl(
+  hidden_p: Float[Array, "*b d"],
+  head_p: Float[Array, "V d"],
+  hidden_q: Float[Array, "*b dq"],
+  head_q: Float[Array, "V dq"],
+  *,
+  mask: Bool[Array, "*b"] | None = None,
+  bias_p: Float[Array, "V"] | None = None,
+  bias_q: Float[Array, "V"] | None = None,
+  temperature: float = 1.0,
+  softcap: float | None = None,
+  logit_scale: float = 1.0,
+  valid_vocab: int | None = None,
+  impl: str = "auto",
+  mesh: Mesh | None = None,
+  vocab_axis: str | None = None,
+  **impl_options,
+) -> Float[Array, "*b"]:
+  """Exact per-token KL(π‖π_ref) = Σ_j π_j (log π_j − log π_ref,j) over the full vocabulary, fused.
+
+  Computed as Σ_j π_j (z_j − z^ref_j) − lse + lse_ref with both heads' logits recomputed block by
+  block (never [tokens, V]). This is the exact KL whose single-sample estimators are k1/k2/k3
+  (Schulman 2020); it is differentiable w.r.t. the policy side only (the reference side is
+  stop-gradient). Both heads use the same logit transform (see ``token_logprobs``).
+
+  Args:
+    hidden_p: policy hidden states [*b, d].
+    head_p: policy LM head [V, d].
+    hidden_q: reference-policy hidden states [*b, dq].
+    head_q: reference-policy LM head [V, dq].
+    mask: boolean [*b]; False tokens give 0 and zero gradient.
+    bias_p, bias_q: LM-head biases [V], optional.
+    temperature, softcap, logit_scale, valid_vocab, impl, mesh, vocab_axis, **impl_options: as in
+      ``token_logprobs``.
+
+  Returns:
+    fp32 KL [*b].
+  """
+  _check_head(hidden_p, head_p, bias_p, hidden_name="hidden_p", head_name="head_p",
+              bias_name="bias_p")
+  _check_head(hidden_q, head_q, bias_q, hidden_name="hidden_q", head_name="head_q",
+              bias_name="bias_q")
+  batch_shape = tuple(hidden_p.shape[:-1])
+  if tuple(hidden_q.shape[:-1]) != batch_shape:
+    raise ValueError(
+      f"hidden_q must have leading dims {list(batch_shape)} (those of hidden_p), "
+      f"got shape {list(hidden_q.shape)}"
+    )
+  _check_tokens("mask", mask, batch_shape, "hidden_p")
+  if head_q.shape[0] != head_p.shape[0]:
+    raise ValueError(f"head_q has {head_q.shape[0]} rows but head_p has {head_p.shape[0]}")
+  _check_options(
+    temperature=temperature, softcap=softcap, logit_scale=logit_scale, valid_vocab=valid_vocab,
+    vocab_size=head_p.shape[0], mask=mask,
+  )
+  _check_mesh(mesh, vocab_axis, head_p.shape[0])
+  kernel = implementation(impl)
+
+  hidden_p = hidden_p.reshape(-1, hidden_p.shape[-1])
+  hidden_q = lax.stop_gradient(hidden_q.reshape(-1, hidden_q.shape[-1]))
+  head_q, bias_q = lax.stop_gradient((head_q, bias_q))
+  if mask is not None:
+    mask = mask.reshape(-1)
+    hidden_p = jnp.where(mask[:, None], hidden_p, jnp.zeros((), hidden_p.dtype))
+    hidden_q = jnp.where(mask[:, None], hidden_q, jnp.zeros((), hidden_q.dtype))
+
+  def stats_fn(token_args, head_args, targets, valid):
+    del targets
+    return kernel.kl_stats(
+      token_args[0], head_args[0], token_args[1], head_args[2], bias_p=head_args[1],
+      bias_q=head_args[3], temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+      valid_vocab=valid, **impl_options,
+    )
+
+  def empty_stats(n):
+    return KLStats(jnp.full((n,), -jnp.inf), jnp.full((n,), -jnp.inf), jnp.zeros((n,)))
+
+  stats = _run(
+    stats_fn, empty_stats, common.psum_kl_stats, (hidden_p, hidden_q),
+    (head_p, bias_p, head_q, bias_q), None, mesh=mesh, vocab_axis=vocab_axis,
+    valid_vocab=valid_vocab,
+  )
+  kl = stats.expected_diff - stats.lse_p + stats.lse_q
+  if mask is not None:
+    kl = jnp.where(mask, kl, 0.0)
+  return kl.reshape(batch_shape)
