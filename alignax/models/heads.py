@@ -1,0 +1,115 @@
+"""Scalar heads on the decoder body: per-token values (PPO critic) and sequence scores (rewards).
+
+Both use one bias-free ``score`` projection ``[d, num_labels]`` on the final hidden states, the
+layout of Hugging Face ``*ForSequenceClassification`` checkpoints (``score.weight``), so either
+loads from and saves to such a checkpoint; a critic is the ``num_labels = 1`` case read at every
+token, as in TRL.
+"""
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int, Shaped
+
+from alignax.models.config import DecoderConfig
+from alignax.models.decoder import IntLike, Transformer
+from alignax.models.layers import DType, Linear
+
+
+class ScoreOutput(NamedTuple):
+  """Head outputs.
+
+  Attributes:
+    scores: ``[B, T]`` values (:class:`ValueModel`) or ``[B, num_labels]`` (:class:`RewardModel`).
+    hidden_states: ``[B, T, d]`` after the final norm.
+  """
+
+  scores: Float[Array, "..."]
+  hidden_states: Float[Array, "B T d"]
+
+
+def last_token_index(attention_mask: Bool[Array, "B T"]) -> Int[Array, " B"]:
+  """Index of the right-most real token of each row (left or right padding); 0 for an empty row.
+
+  Hugging Face finds it from ``input_ids != pad_token_id``; the mask says the same without needing a
+  pad id.
+  """
+  t = attention_mask.shape[-1]
+  return jnp.max(jnp.where(attention_mask, jnp.arange(t), 0), axis=-1)
+
+
+class _ScoredDecoder(nnx.Module):
+  def __init__(
+    self,
+    config: DecoderConfig,
+    *,
+    num_labels: int,
+    dtype: DType = jnp.float32,
+    param_dtype: DType = jnp.float32,
+    remat: str | None = None,
+    rngs: nnx.Rngs,
+  ):
+    self.config = config
+    self.model = Transformer(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+    self.score = Linear(
+      config.hidden_size,
+      num_labels,
+      use_bias=False,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_axes=("embed", None),
+      rngs=rngs,
+    )
+
+  def _hidden_and_scores(
+    self,
+    input_ids: Int[IntLike, "B T"],
+    attention_mask: Shaped[IntLike, "B T"] | None,
+    positions: Int[IntLike, "B T"] | None,
+    segment_ids: Int[IntLike, "B T"] | None,
+  ) -> tuple[Float[Array, "B T d"], Float[Array, "B T L"]]:
+    hidden, _ = self.model(input_ids, attention_mask, positions, segment_ids)
+    return hidden, self.score(hidden).astype(jnp.float32)
+
+
+class ValueModel(_ScoredDecoder):
+  """``V(s_t) = wᵀ h_t`` for every token: the critic of PPO (Schulman et al., 2017)."""
+
+  def __init__(self, config: DecoderConfig, **kwargs):
+    super().__init__(config, num_labels=1, **kwargs)
+
+  def __call__(
+    self,
+    input_ids: Int[IntLike, "B T"],
+    attention_mask: Shaped[IntLike, "B T"] | None = None,
+    positions: Int[IntLike, "B T"] | None = None,
+    segment_ids: Int[IntLike, "B T"] | None = None,
+  ) -> ScoreOutput:
+    """Values ``[B, T]`` (fp32) and final hidden states; arguments as :class:`CausalLM`."""
+    hidden, scores = self._hidden_and_scores(input_ids, attention_mask, positions, segment_ids)
+    return ScoreOutput(scores[..., 0], hidden)
+
+
+class RewardModel(_ScoredDecoder):
+  """``r(x) = W h_last``: the score of the last real token, as ``*ForSequenceClassification``.
+
+  A Bradley-Terry reward model (Ouyang et al., 2022) is the ``num_labels = 1`` case.
+  """
+
+  def __init__(self, config: DecoderConfig, **kwargs):
+    super().__init__(config, num_labels=config.num_labels, **kwargs)
+
+  def __call__(
+    self,
+    input_ids: Int[IntLike, "B T"],
+    attention_mask: Shaped[IntLike, "B T"] | None = None,
+    positions: Int[IntLike, "B T"] | None = None,
+    segment_ids: Int[IntLike, "B T"] | None = None,
+  ) -> ScoreOutput:
+    """Scores ``[B, num_labels]`` (fp32) of each row's last real token, and final hidden states."""
+    hidden, scores = self._hidden_and_scores(input_ids, attention_mask, positions, segment_ids)
+    b, t = hidden.shape[:2]
+    mask = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
+    last = last_token_index(mask)
+    return ScoreOutput(jnp.take_along_axis(scores, last[:, None, None], axis=1)[:, 0], hidden)

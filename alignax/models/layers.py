@@ -1,0 +1,154 @@
+"""Building blocks of the decoder: projections, normalisations and embeddings.
+
+Every parameter carries logical axis names in its ``out_sharding`` metadata (``vocab``,
+``embed``, ``mlp``, ``heads``, ``kv_heads``, ``head_dim``, ...). They are created with
+``eager_sharding=False`` so a model can be built without a mesh; :mod:`alignax.models.sharding` maps
+the names to mesh axes.
+"""
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+DType = Any
+Initializer = Callable[..., Array]
+
+
+def param(
+  rngs: nnx.Rngs,
+  init: Initializer,
+  shape: tuple[int, ...],
+  param_dtype: DType,
+  axes: tuple[str | None, ...],
+) -> nnx.Param:
+  """A parameter initialised with ``init`` and tagged with the logical axis names ``axes``."""
+  if len(axes) != len(shape):
+    raise ValueError(f"axes {axes} do not match the parameter shape {shape}")
+  return nnx.Param(
+    init(rngs.params(), shape, param_dtype), out_sharding=tuple(axes), eager_sharding=False
+  )
+
+
+class Linear(nnx.Module):
+  """Affine projection ``y = x W (+ b)`` with an optional low-rank adapter added on top.
+
+  ``kernel`` is stored ``[in_features, out_features]`` (the transpose of a PyTorch ``nn.Linear``
+  weight, the same layout as GPT-2's ``Conv1D``). The product is computed in ``dtype`` whatever the
+  parameter dtype, so fp32 parameters can run in bf16. When ``lora`` is set (see
+  :mod:`alignax.models.lora`) its output is added: ``y + lora(x)``.
+  """
+
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    use_bias: bool,
+    dtype: DType,
+    param_dtype: DType,
+    kernel_axes: tuple[str | None, str | None],
+    rngs: nnx.Rngs,
+    kernel_init: Initializer = nnx.initializers.normal(0.02),
+  ):
+    self.in_features = in_features
+    self.out_features = out_features
+    self.dtype = dtype
+    self.kernel = param(rngs, kernel_init, (in_features, out_features), param_dtype, kernel_axes)
+    self.bias = (
+      param(rngs, nnx.initializers.zeros, (out_features,), param_dtype, kernel_axes[1:])
+      if use_bias
+      else None
+    )
+    self.lora: nnx.Module | None = None
+
+  def __call__(self, x: Float[Array, "*b d_in"]) -> Float[Array, "*b d_out"]:
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    if self.lora is not None:
+      y = y + self.lora(x)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """``y = x / sqrt(mean(x²) + eps) · (offset + w)``, Zhang & Sennrich (2019).
+
+  Llama-style models use ``offset=0`` with ``w`` initialised to one; Gemma stores ``w`` around zero
+  and scales by ``1 + w`` (``offset=1``). The statistics are computed in fp32 and the scale is
+  applied before casting back, as Gemma does (Llama casts first; in fp32 the two agree exactly).
+  """
+
+  def __init__(
+    self,
+    features: int,
+    *,
+    eps: float,
+    offset: float = 0.0,
+    dtype: DType,
+    param_dtype: DType,
+    axis_name: str = "embed",
+    rngs: nnx.Rngs,
+  ):
+    self.eps = eps
+    self.offset = offset
+    self.dtype = dtype
+    init = nnx.initializers.zeros if offset else nnx.initializers.ones
+    self.scale = param(rngs, init, (features,), param_dtype, (axis_name,))
+
+  def __call__(self, x: Float[Array, "*b d"]) -> Float[Array, "*b d"]:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """``y = (x - mean(x)) / sqrt(var(x) + eps) · w + b``, Ba et al. (2016); statistics in fp32."""
+
+  def __init__(
+    self, features: int, *, eps: float, dtype: DType, param_dtype: DType, rngs: nnx.Rngs
+  ):
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = param(rngs, nnx.initializers.ones, (features,), param_dtype, ("embed",))
+    self.bias = param(rngs, nnx.initializers.zeros, (features,), param_dtype, ("embed",))
+
+  def __call__(self, x: Float[Array, "*b d"]) -> Float[Array, "*b d"]:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    normed = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    out = normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return out.astype(self.dtype)
+
+
+class Embed(nnx.Module):
+  """Token (or position) embedding table ``[num_embeddings, features]``; lookup by integer ids."""
+
+  def __init__(
+    self,
+    num_embeddings: int,
+    features: int,
+    *,
+    dtype: DType,
+    param_dtype: DType,
+    axes: tuple[str | None, str | None] = ("vocab", "embed"),
+    rngs: nnx.Rngs,
+  ):
+    self.dtype = dtype
+    self.embedding = param(
+      rngs, nnx.initializers.normal(0.02), (num_embeddings, features), param_dtype, axes
+    )
+
+  def __call__(self, ids: Array) -> Array:
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+def iter_linears(module: nnx.Module) -> Iterator[tuple[str, Linear]]:
+  """Yields ``(dotted path, Linear)`` for every :class:`Linear` in ``module``, in graph order."""
+  for path, node in nnx.iter_graph(module):
+    if isinstance(node, Linear):
+      yield ".".join(str(p) for p in path), node

@@ -1,0 +1,73 @@
+"""KV cache: prefill + one-step decode reproduces the full forward pass (static shapes, jitted)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from model_factories import padded_batch, run_lm, saved_checkpoint
+
+from alignax import models
+
+
+@nnx.jit
+def _step(model, input_ids, attention_mask, cache):
+  out = model(input_ids, attention_mask, cache=cache)
+  return out.logits, out.cache
+
+
+# llama: GQA + padding; mistral: sliding window 4 < 9 tokens; gemma2: soft-capped attention with
+# alternating windows; gpt2: learned positions.
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt2"])
+def test_prefill_then_decode_matches_full_forward(tmp_path_factory, family):
+  path, hf_model = saved_checkpoint(tmp_path_factory, family)
+  ids, mask, _ = padded_batch(hf_model.config.vocab_size)
+  ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+  model = models.from_pretrained(path)
+  want = run_lm(model, ids, mask).logits
+  prompt = 5
+
+  cache = model.init_cache(batch=3, max_len=12)
+  logits, cache = _step(model, ids[:, :prompt], mask[:, :prompt], cache)
+  steps = [logits]
+  for t in range(prompt, ids.shape[1]):
+    logits, cache = _step(model, ids[:, t : t + 1], mask[:, t : t + 1], cache)
+    steps.append(logits)
+  got = jnp.concatenate(steps, axis=1)
+
+  assert int(cache.index) == ids.shape[1]
+  np.testing.assert_array_equal(cache.valid[:, : ids.shape[1]], mask)
+  assert not cache.valid[:, ids.shape[1] :].any()
+  np.testing.assert_allclose(np.asarray(got)[mask], np.asarray(want)[mask], atol=2e-5)
+
+
+def test_decode_step_with_explicit_positions(tmp_path_factory):
+  path, hf_model = saved_checkpoint(tmp_path_factory, "qwen3")
+  ids, mask, positions = padded_batch(hf_model.config.vocab_size)
+  ids, mask = jnp.asarray(ids[:2]), jnp.asarray(mask[:2])  # full and left-padded rows
+  model = models.from_pretrained(path)
+  want = run_lm(model, ids, mask).logits[:, -1]
+
+  cache = model.init_cache(2, 16)
+  _, cache = _step(model, ids[:, :-1], mask[:, :-1], cache)
+  out = nnx.jit(lambda m, t, c, p: m.decode_step(t, c, p))(
+    model, ids[:, -1], cache, jnp.asarray(positions[:2, -1])
+  )
+
+  assert out.logits.shape == (2, 1, hf_model.config.vocab_size)
+  np.testing.assert_allclose(out.logits[:, 0], want, atol=2e-5)
+
+
+def test_cache_rejects_packed_segments_and_oversized_input(tmp_path_factory):
+  path, _ = saved_checkpoint(tmp_path_factory, "llama")
+  model = models.from_pretrained(path)
+  cache = model.init_cache(1, 4)
+  ids = jnp.ones((1, 3), jnp.int32)
+  with pytest.raises(ValueError, match="segment_ids"):
+    model(ids, segment_ids=ids, cache=cache)
+  with pytest.raises(ValueError, match="only 4 slots"):
+    model(jnp.ones((1, 5), jnp.int32), cache=cache)
+  with pytest.raises(ValueError, match="cache holds 1 rows"):
+    model(jnp.ones((2, 3), jnp.int32), cache=cache)
+  cache = model(ids, cache=cache).cache
+  with pytest.raises(ValueError, match="cache is full: index 3"):
+    model(ids[:, :2], cache=cache)
