@@ -78,4 +78,15 @@ from alignax.models import RewardModel as RewardModel
 from alignax.models import ValueModel as ValueModel
 from alignax.models import from_pretrained as from_pretrained
 from alignax.models import save_pretrained as save_pretrained
+from alignax.models import LoRAConfig as LoRAConfig
+from alignax.models import LoRAParam as LoRAParam
+from alignax.models import apply_lora as apply_lora
+from alignax.models import load_lora as load_lora
+from alignax.models import lora_disabled as lora_disabled
+from alignax.models import merge_lora as merge_lora
+from alignax.models import save_lora as save_lora
+from alignax.models import unmerge_lora as unmerge_lora
+from alignax.models import apply_chat_template as apply_chat_template
+from alignax.models import build_tiny_tokenizer as build_tiny_tokenizer
+from alignax.models import load_tokenizer as load_tokenizer
 # --- end layer 2 --------------------------------------------------------------------------------

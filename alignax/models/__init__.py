@@ -24,4 +24,17 @@ from alignax.models.sharding import state_shardings as state_shardings
 # --- end core -----------------------------------------------------------------------------------
 
 # --- adapters and tokenizers: LoRA, tokenizer helpers ------------------------------------------
+from alignax.models.lora import LoRA as LoRA
+from alignax.models.lora import LoRAConfig as LoRAConfig
+from alignax.models.lora import LoRAParam as LoRAParam
+from alignax.models.lora import apply_lora as apply_lora
+from alignax.models.lora import load_lora as load_lora
+from alignax.models.lora import lora_disabled as lora_disabled
+from alignax.models.lora import merge_lora as merge_lora
+from alignax.models.lora import save_lora as save_lora
+from alignax.models.lora import unmerge_lora as unmerge_lora
+from alignax.models.tokenizer import TINY_CHAT_TEMPLATE as TINY_CHAT_TEMPLATE
+from alignax.models.tokenizer import apply_chat_template as apply_chat_template
+from alignax.models.tokenizer import build_tiny_tokenizer as build_tiny_tokenizer
+from alignax.models.tokenizer import load_tokenizer as load_tokenizer
 # --- end adapters and tokenizers ----------------------------------------------------------------
