@@ -9,7 +9,7 @@ from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, Float
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from alignax import _validate
 from alignax.aggregation import last_valid_token, masked_whiten
@@ -152,6 +152,37 @@ def informative_group_mask(rewards: Float[ArrayLike, "*p G"]) -> Bool[Array, "*p
   rewards = jnp.asarray(rewards)
   _validate.min_rank("rewards", rewards, 1, "[*p, G]")
   return jnp.any(rewards != rewards[..., :1], axis=-1)
+
+
+def select_informative_groups(rewards: Float[ArrayLike, "P G"], *, k: int) -> Int[Array, "k"]:
+  r"""Indices of ``k`` groups, informative first: DAPO's dynamic sampling with static shapes.
+
+  DAPO (Yu et al. 2025, Sec. 3.2, Eq. 11) over-samples prompts and keeps only groups with
+  :math:`0 < |\{o_i : \text{correct}\}| < G` (``informative_group_mask``) until the batch is full.
+  Under ``jit`` the batch size is fixed, so sample :math:`P > k` prompts and gather the ``k``
+  groups this returns (``rewards[idx]``, ``tokens[idx]``, ...): the informative groups in their
+  original order (the order DAPO fills its buffer in), then, if fewer than ``k`` are informative,
+  uninformative ones in order. Those padding groups have zero group-relative advantage and give no
+  policy gradient; to keep them out of a token-mean normaliser too, mask them with
+  ``informative_group_mask(rewards)[idx]``.
+
+  Args:
+    rewards: ``[P, G]``, one scalar reward per completion, a group of ``G`` per prompt.
+    k: number of groups to keep, a Python int with ``1 <= k <= P``.
+
+  Returns:
+    ``int32`` indices ``[k]`` into the prompt axis.
+  """
+  if isinstance(k, bool) or not isinstance(k, int):
+    raise TypeError(f"k must be a Python int (a static batch size), got {k!r}")
+  rewards = jnp.asarray(rewards)
+  if rewards.ndim != 2:
+    raise ValueError(f"rewards must have shape [P, G], got {list(rewards.shape)}")
+  if not 1 <= k <= rewards.shape[0]:
+    raise ValueError(f"k must lie in [1, P] = [1, {rewards.shape[0]}], got {k}")
+  # A stable sort on "uninformative" keeps the original order within each of the two classes.
+  uninformative = jnp.where(informative_group_mask(rewards), 0, 1)
+  return jnp.argsort(uninformative, stable=True)[:k].astype(jnp.int32)
 
 
 def whiten(x: Float[ArrayLike, "*s"], mask: Bool[ArrayLike, "*s"] | None = None, *,

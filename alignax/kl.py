@@ -134,6 +134,8 @@ def kl_penalized_rewards(scores: Float[ArrayLike, "*b"], logp: Float[ArrayLike, 
   """
   _validate.non_negative("beta", _validate.static_or_none(beta))
   scores, mask = jnp.asarray(scores), jnp.asarray(mask)
+  if mask.dtype != jnp.bool_:
+    raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
   kl = kl_estimate(logp, ref_logp, estimator=estimator)
   _validate.same_shape({"logp": kl, "mask": mask})
   if scores.shape != mask.shape[:-1]:

@@ -133,6 +133,28 @@ def test_informative_group_mask():
   np.testing.assert_array_equal(ax.informative_group_mask(rewards), [[False, True], [False, True]])
 
 
+def _informative_first(rewards, k):
+  """DAPO's buffer, by a loop: informative prompts in order, then the others in order."""
+  informative = [len(set(row.tolist())) > 1 for row in rewards]
+  order = [p for p, keep in enumerate(informative) if keep]
+  return (order + [p for p, keep in enumerate(informative) if not keep])[:k]
+
+
+def test_select_informative_groups():
+  rewards = np.array([[1, 1, 1], [0, 1, 0], [0, 0, 0], [1, 0, 1], [1, 1, 1]], np.float32)
+  select = ax.select_informative_groups
+  np.testing.assert_array_equal(select(rewards, k=2), [1, 3])
+  np.testing.assert_array_equal(select(rewards, k=4), [1, 3, 0, 2])  # padded with uninformative
+  np.testing.assert_array_equal(select(rewards[[0, 2, 4]], k=2), [0, 1])  # none informative
+  jitted = jax.jit(select, static_argnames="k")
+  rng = np.random.default_rng(6)
+  for k in (1, 5, 12):
+    batch = rng.integers(0, 2, size=(12, 3)).astype(np.float32)
+    got = jitted(batch, k=k)
+    assert got.shape == (k,) and got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, _informative_first(batch, k))
+
+
 def test_whiten():
   x = np.random.default_rng(4).normal(2.0, 3.0, size=(3, 5)).astype(np.float32)
   mask = np.ones_like(x, bool)
@@ -186,6 +208,15 @@ def test_bad_input_messages():
     group(rewards, eps=0.0)
   with pytest.raises(ValueError, match="rewards must have shape"):
     inspect.unwrap(ax.reinforce_pp_advantages)(jnp.zeros((3,)), mask)
+  select = inspect.unwrap(ax.select_informative_groups)
+  for k in (0, 3):
+    with pytest.raises(ValueError, match=rf"k must lie in \[1, P\] = \[1, 2\], got {k}"):
+      select(rewards, k=k)
+  for k in (1.0, True):
+    with pytest.raises(TypeError, match="k must be a Python int"):
+      select(rewards, k=k)
+  with pytest.raises(ValueError, match=r"rewards must have shape \[P, G\], got \[2, 2, 3\]"):
+    select(jnp.zeros((2, 2, 3)), k=1)
 
 
 def test_bad_input_raises_at_trace_time_under_jit():

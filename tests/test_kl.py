@@ -206,6 +206,8 @@ def test_bad_input_messages():
     rewards(jnp.zeros(2), logp, logp, jnp.ones((2, 3), bool), beta=-0.1)
   with pytest.raises(ValueError, match=r"scores must have shape"):
     rewards(jnp.zeros(3), logp, logp, jnp.ones((2, 3), bool), beta=0.1)
+  with pytest.raises(TypeError, match="mask must be a boolean array"):  # a 0/1 int mask
+    rewards(jnp.zeros(2), logp, logp, jnp.ones((2, 3), jnp.int32), beta=0.1)
   with pytest.raises(ValueError, match="logits_p"):
     inspect.unwrap(ax.categorical_kl)(jnp.zeros((2, 3)), jnp.zeros((2, 4)))
   with pytest.raises(ValueError, match="target must be > 0"):

@@ -75,6 +75,8 @@ def test_group_advantages(mesh8, scale):
     _assert_same(_sharded(f, mesh8, 1)(rewards), f(rewards))
   _assert_same(_sharded(ax.informative_group_mask, mesh8, 1)(rewards),
                ax.informative_group_mask(rewards))
+  select = functools.partial(ax.select_informative_groups, k=5)
+  _assert_same(_sharded(select, mesh8, 1)(rewards), select(rewards))
 
 
 def test_reinforce_pp(mesh8):

@@ -2,6 +2,7 @@
 
 import functools
 import inspect
+import math
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +96,21 @@ def test_huge_log_ratio_stays_finite():
   value, grad = jax.value_and_grad(
       lambda lp: ax.clipped_surrogate(lp, old_logp, adv, dual_clip=3.0)[0].sum())(logp)
   assert bool(jnp.isfinite(value)) and bool(jnp.all(jnp.isfinite(grad)))
+
+
+def test_kl_clamp_keeps_a_diverged_token_finite():
+  # The policy has moved 100 nats below the reference on one valid token: k3 = e^100 overflows.
+  logp, ref_logp = jnp.array([[-101.0, -1.0]]), jnp.array([[-1.0, -1.5]])
+  mask, adv = jnp.ones((1, 2), bool), jnp.array([1.0])
+  f = functools.partial(ax.grpo_loss, old_logp=None, ref_logp=ref_logp, advantages=adv, mask=mask)
+  assert not np.isfinite(f(logp)[0])
+  value, grad = jax.value_and_grad(lambda lp: f(lp, kl_clamp=10.0)[0])(logp)
+  k3 = math.exp(-0.5) - 1 + 0.5  # the second token, by hand
+  # seq_mean_token_mean over one sequence: mean of (-A + 0.04 * clipped k3) over its two tokens.
+  assert float(value) == pytest.approx(-1.0 + 0.04 * (10.0 + k3) / 2, rel=1e-6)
+  assert bool(jnp.all(jnp.isfinite(grad)))
+  with pytest.raises(ValueError, match="kl_clamp must be > 0"):
+    inspect.unwrap(ax.grpo_loss)(logp, None, ref_logp, adv, mask, kl_clamp=0.0)
 
 
 def test_clipped_value_loss():
@@ -270,7 +286,9 @@ def test_cispo():
                              atol=1e-7)
   capped = (np.exp(logp.astype(np.float64) - old_logp) > 2.0) & (a > 0)
   assert capped[mask].any()
-  assert metrics["clip_ratio/high_mean"] == pytest.approx(capped[mask].mean(), rel=1e-6)
+  # TRL logs CISPO's capping as `cispo_clip_ratio`, not the PPO `clip_ratio/*` family.
+  assert set(metrics) == {"policy_loss", "approx_kl", "cispo_clip_ratio"}
+  assert metrics["cispo_clip_ratio"] == pytest.approx(capped[mask].mean(), rel=1e-6)
 
 
 def test_variants_are_the_papers_defaults():
@@ -322,6 +340,38 @@ def test_ppo_loss_composes_policy_value_and_entropy():
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
   policy_only, _ = ax.ppo_loss(logp, old_logp, adv, mask)
   assert policy_only == pytest.approx(pg[mask].mean(), rel=1e-5)
+
+
+def test_only_logp_and_values_are_differentiated():
+  """Advantages and value targets from the live critic, and reference log-probs, leak no gradient.
+
+  PPO with GAE computed inside the differentiated function from the critic's own values must give
+  the gradient of the same numbers passed in as constants (rlax stops these gradients too).
+  """
+  logp, old_logp, ref_logp, seq_adv, mask = _group_batch(18)
+  rng = np.random.default_rng(18)
+  rewards = rng.normal(size=logp.shape).astype(np.float32)
+  old_values = rng.normal(size=logp.shape).astype(np.float32)
+  gae = functools.partial(ax.gae, rewards, mask=mask, gamma=1.0, lambda_=0.95)
+  ppo = functools.partial(ax.ppo_loss, old_values=old_values, ref_logp=ref_logp, beta=0.05)
+
+  def live(lp, v):
+    adv, ret = gae(v)
+    return ppo(lp, old_logp, adv, mask, values=v, returns=ret)[0]
+
+  args = (jnp.asarray(logp), jnp.asarray(old_values + 0.05))
+  adv, ret = gae(args[1])
+
+  def constant(lp, v):
+    return ppo(lp, old_logp, adv, mask, values=v, returns=ret)[0]
+
+  for got, want in zip(jax.grad(live, argnums=(0, 1))(*args),
+                       jax.grad(constant, argnums=(0, 1))(*args)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  grads = jax.grad(lambda o, r, a: ax.grpo_loss(logp, o, r, a, mask)[0], argnums=(0, 1, 2))(
+      old_logp, ref_logp, seq_adv)
+  for grad in grads:
+    np.testing.assert_array_equal(grad, 0)
 
 
 # --- bad input --------------------------------------------------------------------------------

@@ -211,12 +211,17 @@ def test_dpo_check_grads(loss_type):
   if loss_type in ("sigmoid_norm", "ipo"):
     kwargs.update(chosen_lengths=jnp.asarray(lc), rejected_lengths=jnp.asarray(lr))
 
-  def loss(pc, pr, rc, rr):
+  # Scale into the interesting range of βδ so the finite differences see curvature.
+  pc, pr, rc, rr = _f32(pc / 4, pr / 4, rc / 4, rr / 4)
+
+  def loss(pc, pr):
     return ax.dpo_loss(pc, pr, rc, rr, **kwargs)[0]
 
-  # Scale into the interesting range of βδ so the finite differences see curvature.
-  check_grads(loss, _f32(pc / 4, pr / 4, rc / 4, rr / 4), order=1, modes=("rev",), eps=1e-2,
-              atol=5e-3, rtol=5e-3)
+  check_grads(loss, (pc, pr), order=1, modes=("rev",), eps=1e-2, atol=5e-3, rtol=5e-3)
+  # The reference is frozen: no gradient reaches its log-probs.
+  ref_grads = jax.grad(lambda c, r: ax.dpo_loss(pc, pr, c, r, **kwargs)[0], argnums=(0, 1))(rc, rr)
+  for grad in ref_grads:
+    np.testing.assert_array_equal(grad, 0)
 
 
 def test_swapping_chosen_and_rejected_flips_the_margin():
@@ -390,6 +395,9 @@ def test_kto_check_grads_and_all_desirable_batch():
                                     beta=0.5)[0],
               (jnp.asarray(policy / 4, jnp.float32),), order=1, modes=("rev",), eps=1e-2,
               atol=5e-3, rtol=5e-3)
+  ref_grad = jax.grad(lambda r: ax.kto_loss(jnp.asarray(policy, jnp.float32), r, desirable,
+                                            reference_point=0.3)[0])(jnp.asarray(reference))
+  np.testing.assert_array_equal(ref_grad, 0)  # the reference is frozen
 
 
 # ---- ORPO, SimPO, CPO --------------------------------------------------------------------------
@@ -460,6 +468,13 @@ def test_simpo_hand_values_and_empty_completion():
       lambda c, r: ax.simpo_loss(c, r, jnp.array([0, 3]), jnp.array([2, 0]))[0], argnums=(0, 1))(
           jnp.array([0.0, -3.0]), jnp.array([-2.0, 0.0]))
   assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads)
+
+
+def test_simpo_defaults_are_the_paper_codes():
+  # princeton-nlp/SimPO SimPOConfig: beta=2.0, gamma_beta_ratio=0.25, so gamma = 0.5 (TRL's
+  # simpo_gamma). Equal per-token averages leave z = -gamma: the loss is log(1 + e^0.5).
+  loss, _ = ax.simpo_loss(jnp.array([-4.0]), jnp.array([-8.0]), jnp.array([2]), jnp.array([4]))
+  np.testing.assert_allclose(loss, math.log1p(math.exp(0.5)), rtol=1e-6)
 
 
 def test_cpo_matches_numpy():

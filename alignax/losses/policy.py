@@ -2,10 +2,13 @@ r"""Policy-gradient losses: the clipped surrogate, the clipped value loss, and t
 GRPO-family objectives (GRPO, Dr. GRPO, DAPO, GSPO, CISPO) as options of one function.
 
 Per-token tensors are ``[*b, T]``; for GRPO-style methods ``*b = (P, G)`` (prompts, completions per
-prompt). ``logp`` is the current policy's log-prob of the sampled tokens (differentiated),
-``old_logp`` the behaviour policy's (the one that sampled; no gradient), ``ref_logp`` the frozen
-reference's. Composed losses return ``(scalar, metrics)`` for ``jax.value_and_grad(has_aux=True)``,
-with TRL's metric names.
+prompt). ``logp`` is the current policy's log-prob of the sampled tokens, ``old_logp`` the behaviour
+policy's (the one that sampled), ``ref_logp`` the frozen reference's. Only ``logp`` (and a critic's
+``values``) are differentiated: old and reference log-probs, advantages and value targets pass
+through ``stop_gradient``, as rlax stops the gradient of advantages and targets, so they may be
+computed inside the differentiated function (advantages from a live critic, say) without leaking
+gradient into whatever produced them. Composed losses return ``(scalar, metrics)`` for
+``jax.value_and_grad(has_aux=True)``, with TRL's metric names.
 """
 
 import functools
@@ -107,7 +110,7 @@ def clipped_surrogate(logp: Float[ArrayLike, "*b T"], old_logp: Float[ArrayLike,
   Args:
     logp: :math:`\log\pi_\theta` of the sampled tokens, ``[*b, T]``.
     old_logp: :math:`\log\pi_{old}` of the same tokens, same shape (treated as constant).
-    advantages: :math:`A_t`, same shape.
+    advantages: :math:`A_t`, same shape (treated as constant).
     eps_low: :math:`\epsilon_{low} \in [0, 1)`.
     eps_high: :math:`\epsilon_{high} \ge 0`; ``None`` means ``eps_low`` (symmetric). DAPO: 0.28.
     dual_clip: the constant :math:`c > 1`, or ``None`` for no dual clip (verl's default is 3).
@@ -119,8 +122,8 @@ def clipped_surrogate(logp: Float[ArrayLike, "*b T"], old_logp: Float[ArrayLike,
   logp, old_logp, advantages = map(jnp.asarray, (logp, old_logp, advantages))
   _validate.same_shape({"logp": logp, "old_logp": old_logp, "advantages": advantages})
   log_ratio = logp - jax.lax.stop_gradient(old_logp)
-  return _clip_objective(log_ratio, advantages, eps_low=eps_low, eps_high=eps_high,
-                         dual_clip=dual_clip)
+  return _clip_objective(log_ratio, jax.lax.stop_gradient(advantages), eps_low=eps_low,
+                         eps_high=eps_high, dual_clip=dual_clip)
 
 
 def clipped_value_loss(values: Float[ArrayLike, "*b T"], old_values: Float[ArrayLike, "*b T"],
@@ -135,7 +138,7 @@ def clipped_value_loss(values: Float[ArrayLike, "*b T"], old_values: Float[Array
   Args:
     values: current critic values :math:`V`, ``[*b, T]``.
     old_values: values at rollout time :math:`V_{old}`, same shape (treated as constant).
-    returns: targets :math:`R` (e.g. from ``gae``), same shape.
+    returns: targets :math:`R` (e.g. from ``gae``), same shape (treated as constant).
     eps: clip range :math:`\epsilon \ge 0`.
 
   Returns:
@@ -144,7 +147,7 @@ def clipped_value_loss(values: Float[ArrayLike, "*b T"], old_values: Float[Array
   _validate.non_negative("eps", eps)
   values, old_values, returns = map(jnp.asarray, (values, old_values, returns))
   _validate.same_shape({"values": values, "old_values": old_values, "returns": returns})
-  old_values = jax.lax.stop_gradient(old_values)
+  old_values, returns = jax.lax.stop_gradient((old_values, returns))
   clipped = jnp.clip(values, old_values - eps, old_values + eps)
   return 0.5 * jnp.maximum(jnp.square(values - returns), jnp.square(clipped - returns))
 
@@ -158,16 +161,25 @@ def _row_extreme(flag: Array, mask: Array, reduce) -> Array:
   return jnp.where(jnp.any(has_tokens), extreme, 0.0)
 
 
-def _clip_metrics(stats: ClipStats, mask: Array) -> dict[str, Array]:
-  """TRL's clip-ratio metrics. TRL takes min/max across processes; here across sequences, which does
-  not depend on how the batch is sharded."""
+def _clip_metrics(stats: ClipStats, mask: Array, loss_type: str) -> dict[str, Array]:
+  """TRL's clipping metrics: ``cispo_clip_ratio`` for CISPO, else the ``clip_ratio/*`` family.
+
+  TRL takes the min/max across processes; here across sequences, which does not depend on how the
+  batch is sharded.
+  """
+  def fraction(flag: Array) -> Array:
+    return masked_mean(flag.astype(jnp.float32), mask)
+
+  metrics = {"approx_kl": masked_mean(stats.approx_kl, mask)}
+  if loss_type == "cispo":
+    return {**metrics, "cispo_clip_ratio": fraction(stats.is_high_clipped)}
   return {
-      "clip_ratio/low_mean": masked_mean(stats.is_low_clipped.astype(jnp.float32), mask),
+      **metrics,
+      "clip_ratio/low_mean": fraction(stats.is_low_clipped),
       "clip_ratio/low_min": _row_extreme(stats.is_low_clipped, mask, jnp.min),
-      "clip_ratio/high_mean": masked_mean(stats.is_high_clipped.astype(jnp.float32), mask),
+      "clip_ratio/high_mean": fraction(stats.is_high_clipped),
       "clip_ratio/high_max": _row_extreme(stats.is_high_clipped, mask, jnp.max),
-      "clip_ratio/region_mean": masked_mean(stats.is_region_clipped.astype(jnp.float32), mask),
-      "approx_kl": masked_mean(stats.approx_kl, mask),
+      "clip_ratio/region_mean": fraction(stats.is_region_clipped),
   }
 
 
@@ -176,7 +188,8 @@ def grpo_loss(logp: Float[ArrayLike, "*b T"], old_logp: Float[ArrayLike, "*b T"]
               advantages: Float[ArrayLike, "..."],
               mask: Bool[ArrayLike, "*b T"], *, eps_low: float = 0.2,
               eps_high: float | None = None, beta: float | Array = 0.04,
-              kl_estimator: KLEstimator = "k3", loss_agg_mode: AggMode = "seq_mean_token_mean",
+              kl_estimator: KLEstimator = "k3", kl_clamp: float | None = None,
+              loss_agg_mode: AggMode = "seq_mean_token_mean",
               max_len: int | None = None, importance_level: ImportanceLevel = "token",
               loss_type: PolicyLossType = "clip", cispo_eps_high: float = 4.0,
               dual_clip: float | None = None, entropy: Float[ArrayLike, "*b T"] | None = None,
@@ -211,14 +224,18 @@ def grpo_loss(logp: Float[ArrayLike, "*b T"], old_logp: Float[ArrayLike, "*b T"]
     logp: :math:`\log\pi_\theta` of the sampled tokens, ``[*b, T]`` (e.g. ``[P, G, T]``).
     old_logp: :math:`\log\pi_{old}`, same shape; ``None`` for a single update per rollout, where
       :math:`\pi_{old} = \mathrm{sg}[\pi_\theta]` and the ratio is 1.
-    ref_logp: :math:`\log\pi_{ref}`, same shape; required when the KL term is on (``beta > 0``).
+    ref_logp: :math:`\log\pi_{ref}`, same shape (treated as constant); required when the KL term
+      is on (``beta > 0``).
     advantages: per sequence ``[*b]`` (broadcast over tokens, e.g. from ``group_advantages``) or per
-      token ``[*b, T]``.
+      token ``[*b, T]``; treated as constant.
     mask: boolean ``[*b, T]``, ``True`` on completion tokens.
     eps_low: lower clip :math:`\epsilon_{low} \in [0, 1)`.
     eps_high: upper clip; ``None`` means ``eps_low``.
     beta: KL coefficient :math:`\ge 0` (may be a traced array); 0 disables the KL term.
     kl_estimator: one of ``KL_ESTIMATORS`` (GRPO: ``k3``; see ``kl_estimate`` for its gradient).
+    kl_clamp: if given, the per-token KL estimate is clipped to ``[-kl_clamp, kl_clamp]``
+      (``kl_estimate``'s ``clamp``; verl uses 10). Unclamped (TRL), k3 overflows to inf, and the
+      gradient to NaN, once :math:`\log\pi_{ref} - \log\pi \gtrsim 88` on a valid token.
     loss_agg_mode: one of ``AGG_MODES``.
     max_len: the constant of ``seq_mean_token_sum_norm``.
     importance_level: ``"token"`` (GRPO/DAPO) or ``"sequence"`` (GSPO).
@@ -233,15 +250,18 @@ def grpo_loss(logp: Float[ArrayLike, "*b T"], old_logp: Float[ArrayLike, "*b T"]
 
   Returns:
     ``(loss, metrics)``: the scalar objective and scalar metrics ``policy_loss``, ``approx_kl``,
-    ``clip_ratio/{low_mean, low_min, high_mean, high_max, region_mean}``, plus ``kl`` (token mean
-    of the KL estimate) when the KL term is on, ``entropy`` (token mean) when given and
-    ``clip_ratio/dual_mean`` with ``dual_clip``. ``low_min`` / ``high_max`` are over sequences
-    (TRL takes them over processes, which depends on the device count).
+    ``clip_ratio/{low_mean, low_min, high_mean, high_max, region_mean}`` (``loss_type="clip"``) or
+    ``cispo_clip_ratio`` (fraction of tokens with :math:`A > 0` whose weight is capped; CISPO), as
+    TRL names them, plus ``kl`` (token mean of the KL estimate) when the KL term is on,
+    ``entropy`` (token mean) when given and ``clip_ratio/dual_mean`` with ``dual_clip``.
+    ``low_min`` / ``high_max`` are over sequences (TRL takes them over processes, which depends on
+    the device count).
   """
   _validate.choice("importance_level", importance_level, IMPORTANCE_LEVELS)
   _validate.choice("loss_type", loss_type, POLICY_LOSS_TYPES)
   _validate.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
   _validate.choice("loss_agg_mode", loss_agg_mode, AGG_MODES)
+  _validate.positive("kl_clamp", kl_clamp)
   eps_high = _check_clip_params(eps_low, eps_high, dual_clip)
   _validate.non_negative("cispo_eps_high", cispo_eps_high)
   _validate.non_negative("entropy_coef", entropy_coef)
@@ -277,7 +297,7 @@ def grpo_loss(logp: Float[ArrayLike, "*b T"], old_logp: Float[ArrayLike, "*b T"]
     return jnp.where(mask, x, 0.0)
 
   logp = valid(logp)
-  advantages = valid(jnp.broadcast_to(advantages, mask.shape))
+  advantages = jax.lax.stop_gradient(valid(jnp.broadcast_to(advantages, mask.shape)))
   token_log_ratio = logp - jax.lax.stop_gradient(valid(old_logp))
   if importance_level == "sequence":
     seq_log_ratio = masked_mean(token_log_ratio, mask, axis=-1)[..., None]
@@ -298,12 +318,13 @@ def grpo_loss(logp: Float[ArrayLike, "*b T"], old_logp: Float[ArrayLike, "*b T"]
 
   agg = functools.partial(aggregate, mask=mask, mode=loss_agg_mode, max_len=max_len)
   policy_loss = agg(per_token)
-  metrics = {"policy_loss": policy_loss, **_clip_metrics(stats, mask)}
+  metrics = {"policy_loss": policy_loss, **_clip_metrics(stats, mask, loss_type)}
   if dual_clip is not None:
     metrics["clip_ratio/dual_mean"] = masked_mean(stats.is_dual_clipped.astype(jnp.float32), mask)
   total = per_token
   if use_kl:
-    kl = kl_estimate(logp, valid(ref_logp), estimator=kl_estimator)
+    kl = kl_estimate(logp, jax.lax.stop_gradient(valid(ref_logp)), estimator=kl_estimator,
+                     clamp=kl_clamp)
     total = total + beta * kl
     metrics["kl"] = masked_mean(kl, mask)
   if entropy is not None:
@@ -323,6 +344,7 @@ def ppo_loss(logp: Float[ArrayLike, "*b T"], old_logp: Float[ArrayLike, "*b T"] 
              ref_logp: Float[ArrayLike, "*b T"] | None = None, eps_low: float = 0.2,
              eps_high: float | None = None, dual_clip: float | None = None, vf_coef: float = 0.1,
              vf_eps: float = 0.2, beta: float | Array = 0.0, kl_estimator: KLEstimator = "k3",
+             kl_clamp: float | None = None,
              loss_agg_mode: AggMode = "token_mean", max_len: int | None = None,
              entropy: Float[ArrayLike, "*b T"] | None = None, entropy_coef: float = 0.0
              ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
@@ -353,6 +375,7 @@ def ppo_loss(logp: Float[ArrayLike, "*b T"], old_logp: Float[ArrayLike, "*b T"] 
     vf_eps: value clip range :math:`\ge 0`.
     beta: in-loss KL coefficient :math:`\ge 0`.
     kl_estimator: estimator for the in-loss KL.
+    kl_clamp: bound on the per-token KL estimate (see ``grpo_loss``), or ``None``.
     loss_agg_mode: one of ``AGG_MODES``, used for every term.
     max_len: the constant of ``seq_mean_token_sum_norm``.
     entropy: per-token entropy, logged and used when ``entropy_coef > 0``.
@@ -375,8 +398,8 @@ def ppo_loss(logp: Float[ArrayLike, "*b T"], old_logp: Float[ArrayLike, "*b T"] 
                      f"got {list(advantages.shape)}")
   loss, metrics = grpo_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=eps_low,
                             eps_high=eps_high, beta=beta, kl_estimator=kl_estimator,
-                            loss_agg_mode=loss_agg_mode, max_len=max_len, dual_clip=dual_clip,
-                            entropy=entropy, entropy_coef=entropy_coef)
+                            kl_clamp=kl_clamp, loss_agg_mode=loss_agg_mode, max_len=max_len,
+                            dual_clip=dual_clip, entropy=entropy, entropy_coef=entropy_coef)
   if not given:
     return loss, metrics
   mask = jnp.asarray(mask)
@@ -415,7 +438,8 @@ dapo_loss = _variant(
 
     ``grpo_loss`` with clip-higher (``eps_low=0.2``, ``eps_high=0.28``), the token-level loss
     (``loss_agg_mode="token_mean"``) and no KL term (``beta=0``). Dynamic sampling is
-    ``informative_group_mask``; overlong shaping belongs to the reward.
+    ``select_informative_groups`` (with ``informative_group_mask``); overlong shaping belongs to
+    the reward.
     """,
     eps_low=0.2, eps_high=0.28, beta=0.0, loss_agg_mode="token_mean")
 

@@ -227,8 +227,8 @@ def dpo_loss(chosen_logps: Float[ArrayLike, "*b"], rejected_logps: Float[ArrayLi
   Args:
     chosen_logps: :math:`\log\pi(y_c\mid x)`, summed over completion tokens, shape ``[*b]``.
     rejected_logps: :math:`\log\pi(y_r\mid x)`, same shape.
-    ref_chosen_logps: :math:`\log\pi_\text{ref}(y_c\mid x)`, same shape, or ``None``
-      (reference-free).
+    ref_chosen_logps: :math:`\log\pi_\text{ref}(y_c\mid x)`, same shape (treated as constant), or
+      ``None`` (reference-free).
     ref_rejected_logps: :math:`\log\pi_\text{ref}(y_r\mid x)`, same shape, or ``None``.
     beta: :math:`\beta > 0`; a Python number or a scalar array (it may be traced, e.g. vmapped).
     loss_type: one of ``DPO_LOSS_TYPES`` or a sequence of distinct ones.
@@ -284,7 +284,9 @@ def dpo_loss(chosen_logps: Float[ArrayLike, "*b"], rejected_logps: Float[ArrayLi
   if ref_chosen_logps is None:
     ref_chosen_logps = ref_rejected_logps = jnp.zeros_like(chosen_logps)
   else:
-    ref_chosen_logps, ref_rejected_logps = arrays["ref_chosen_logps"], arrays["ref_rejected_logps"]
+    # The reference is frozen: no gradient reaches whatever computed its log-probs.
+    ref_chosen_logps, ref_rejected_logps = jax.lax.stop_gradient(
+        (arrays["ref_chosen_logps"], arrays["ref_rejected_logps"]))
 
   normalised_margin = None
   if chosen_lengths is not None:
@@ -306,7 +308,7 @@ def dpo_loss(chosen_logps: Float[ArrayLike, "*b"], rejected_logps: Float[ArrayLi
 
 def kto_reference_point(mismatched_logps: Float[ArrayLike, "*b"],
                         ref_mismatched_logps: Float[ArrayLike, "*b"]) -> Float[Array, ""]:
-  r"""KTO reference point :math:`z_0 = \max(0, \overline{\log\pi(y'|x) - \log\pi_\text{ref}(y'|x)})`.
+  r"""KTO reference point :math:`z_0 = \max(0, \overline{\log\pi(y'|x) - \log\pi_{ref}(y'|x)})`.
 
   An estimate of :math:`\mathrm{KL}(\pi\,\|\,\pi_\text{ref})` from completions :math:`y'`
   paired with the wrong prompt :math:`x` (Ethayarajh et al. 2024; TRL pairs each prompt
@@ -347,7 +349,7 @@ def kto_loss(logps: Float[ArrayLike, "*b"], ref_logps: Float[ArrayLike, "*b"],
 
   Args:
     logps: :math:`\log\pi(y\mid x)` summed over completion tokens, shape ``[*b]``.
-    ref_logps: :math:`\log\pi_\text{ref}(y\mid x)`, same shape.
+    ref_logps: :math:`\log\pi_\text{ref}(y\mid x)`, same shape (treated as constant).
     desirable: boolean label, same shape; ``True`` for desirable (thumbs-up) completions.
     reference_point: :math:`z_0`, a scalar (no gradient is taken through it).
     beta: :math:`\beta > 0` (may be traced).
@@ -367,6 +369,7 @@ def kto_loss(logps: Float[ArrayLike, "*b"], ref_logps: Float[ArrayLike, "*b"],
   _validate.same_shape({"logps": logps, "ref_logps": ref_logps, "desirable": desirable})
   if desirable.dtype != jnp.bool_:
     raise TypeError(f"desirable must be a boolean array, got dtype {desirable.dtype}")
+  ref_logps = jax.lax.stop_gradient(ref_logps)  # the reference is frozen
   reference_point = jax.lax.stop_gradient(jnp.asarray(reference_point))
   if reference_point.ndim:
     raise ValueError(f"reference_point must be a scalar, got shape {list(reference_point.shape)}")
@@ -452,7 +455,7 @@ def orpo_loss(chosen_logps: Float[ArrayLike, "*b"], rejected_logps: Float[ArrayL
 
 def simpo_loss(chosen_logps: Float[ArrayLike, "*b"], rejected_logps: Float[ArrayLike, "*b"],
                chosen_lengths: Real[ArrayLike, "*b"], rejected_lengths: Real[ArrayLike, "*b"], *,
-               beta: Scalar = 2.0, gamma_beta_ratio: float = 0.5, label_smoothing: float = 0.0,
+               beta: Scalar = 2.0, gamma_beta_ratio: float = 0.25, label_smoothing: float = 0.0,
                loss_type: Literal["sigmoid", "hinge"] = "sigmoid"
                ) -> tuple[Float[Array, ""], Metrics]:
   r"""SimPO: :math:`-\log\sigma(\beta\log\pi(y_c)/|y_c| - \beta\log\pi(y_r)/|y_r| - \gamma)`.
@@ -470,8 +473,10 @@ def simpo_loss(chosen_logps: Float[ArrayLike, "*b"], rejected_logps: Float[Array
     rejected_logps: :math:`\log\pi(y_r\mid x)`, same shape.
     chosen_lengths: :math:`|y_c|`, same shape.
     rejected_lengths: :math:`|y_r|`, same shape.
-    beta: :math:`\beta > 0` (the paper uses 2 to 10; may be traced).
-    gamma_beta_ratio: :math:`\gamma/\beta \ge 0`.
+    beta: :math:`\beta > 0` (the paper uses 2 to 10; may be traced). Default 2.0, the paper code's.
+    gamma_beta_ratio: :math:`\gamma/\beta \ge 0`. Default 0.25, the paper code's (``SimPOConfig``),
+      i.e. :math:`\gamma = 0.5` at :math:`\beta = 2`, TRL's ``simpo_gamma``; the paper's released
+      training configs tune it per model.
     label_smoothing: ε in [0, 0.5] for ``sigmoid``; must be 0 for ``hinge``.
     loss_type: ``"sigmoid"`` or ``"hinge"``.
 
