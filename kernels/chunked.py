@@ -101,7 +101,23 @@ def _varying(init: object, sources: tuple) -> object:
 
 
 def _rows(x: Array, start: Array, size: int) -> Array:
+  """``x[start : start + size]`` along axis 0, read in place even when ``x`` is bf16.
+
+  XLA's CPU backend has no bf16 dynamic-slice: float normalization rewrites it as
+  ``convert(dynamic-slice(convert(x)))`` through fp32, and while-loop-invariant code motion then
+  hoists the whole-array ``convert(x)`` out of the loop: an fp32 copy of ``hidden`` or ``weight``.
+  On CPU, ``x`` is first tied to the loop-varying ``start`` (``_tied``), so the convert stays in
+  the loop and fuses with the slice into one block-sized read. GPU and TPU slice bf16 natively and
+  get the plain slice.
+  """
+  x = lax.platform_dependent(x, start, cpu=_tied, default=lambda x, start: x)
   return lax.dynamic_slice_in_dim(x, start, size)
+
+
+def _tied(x: Array, start: Array) -> Array:
+  """``x``, which XLA must now treat as depending on ``start`` (an optimization barrier over both;
+  XLA drops the barrier itself before code generation)."""
+  return lax.optimization_barrier((x, start))[0]
 
 
 def _dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:

@@ -460,3 +460,35 @@ def test_bad_inputs_raise_naming_the_argument():
   for fn, message in cases:
     with pytest.raises(ValueError, match=message):
       fn()
+
+
+def test_chunked_bf16_needs_no_more_temporaries_than_fp32():
+  """Low-precision inputs are sliced in place: no fp32 copy of hidden or the head (CPU regression).
+
+  XLA's CPU backend upcasts a bf16 dynamic-slice through fp32; unless ``chunked._rows`` stops it,
+  the whole-array upcast is hoisted out of the loop and bf16 costs more temporaries than fp32.
+  """
+  n, d, v = 512, 256, 4096
+  blocks = dict(token_block=128, vocab_block=512)
+
+  def vocab_stats_loss(h, w, t):
+    stats = chunked.vocab_stats(h, w, t, **blocks)
+    return jnp.sum(stats.target_logit - stats.lse + stats.expected_logit)
+
+  def kl_stats_loss(h, w, h_q, w_q):
+    stats = chunked.kl_stats(h, w, h_q, w_q, **blocks)
+    return jnp.sum(stats.expected_diff - stats.lse_p + stats.lse_q)
+
+  functions = {
+    "vocab_stats": functools.partial(chunked.vocab_stats, **blocks),
+    "vocab_stats grad": jax.grad(vocab_stats_loss, (0, 1)),
+    "kl_stats": functools.partial(chunked.kl_stats, **blocks),
+    "kl_stats grad": jax.grad(kl_stats_loss, (0, 1)),
+  }
+  for name, fn in functions.items():
+    temp_bytes = {}
+    for dtype in (jnp.bfloat16, jnp.float32):
+      h, w = jax.ShapeDtypeStruct((n, d), dtype), jax.ShapeDtypeStruct((v, d), dtype)
+      args = (h, w, jax.ShapeDtypeStruct((n,), jnp.int32)) if "vocab" in name else (h, w, h, w)
+      temp_bytes[dtype] = jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    assert temp_bytes[jnp.bfloat16] <= temp_bytes[jnp.float32], (name, temp_bytes)
