@@ -1,5 +1,6 @@
 """KV cache: prefill + one-step decode reproduces the full forward pass (static shapes, jitted)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -71,3 +72,18 @@ def test_cache_rejects_packed_segments_and_oversized_input(tmp_path_factory):
   cache = model(ids, cache=cache).cache
   with pytest.raises(ValueError, match="cache is full: index 3"):
     model(ids[:, :2], cache=cache)
+
+
+def test_jitted_write_past_the_cache_end_fails_instead_of_clamping(tmp_path_factory):
+  path, _ = saved_checkpoint(tmp_path_factory, "llama")
+  model = models.from_pretrained(path)
+  ids = jnp.full((1, 2), 5, jnp.int32)
+  mask = jnp.ones((1, 2), bool)
+  cache = model.init_cache(1, 5)
+  _, cache = _step(model, ids, mask, cache)
+  _, cache = _step(model, ids, mask, cache)  # 4 of 5 slots used
+  assert int(cache.index) == 4
+
+  want = r"cache is full: index 4 \+ 2 tokens > 5 slots"
+  with pytest.raises(jax.errors.JaxRuntimeError, match=want):  # raised by the device, not clamped
+    jax.block_until_ready(_step(model, ids, mask, cache))

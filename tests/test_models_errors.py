@@ -52,13 +52,24 @@ def test_unsupported_model_type_names_itself_and_the_supported_ones(ckpt):
     assert name in str(info.value)
 
 
-def test_unsupported_rope_type_and_missing_key_are_named(ckpt):
+def test_unsupported_rope_type_and_a_missing_key_are_named(ckpt):
   _edit_config(ckpt, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0})
   with pytest.raises(ValueError, match="rope_type='yarn'"):
     models.from_pretrained(ckpt)
-  _edit_config(ckpt, rope_parameters=None, hidden_size=None)
-  with pytest.raises(ValueError, match="lacks the key 'hidden_size'"):
+  # An absent key takes the transformers class default (Llama: intermediate_size 11008), so the
+  # weights no longer fit, which is reported before any tensor is read.
+  _edit_config(ckpt, rope_parameters=None, intermediate_size=None)
+  want = r"model.layers.0.mlp.up_proj.weight: checkpoint \[72, 48\], config \[11008, 48\]"
+  with pytest.raises(ValueError, match=want):
     models.from_pretrained(ckpt)
+
+
+def test_a_config_transformers_rejects_is_a_value_error_with_its_message():
+  bad = dict(model_type="llama", vocab_size=11, hidden_size=10, intermediate_size=16,
+             num_hidden_layers=1, num_attention_heads=4)
+  want = r"(?s)model_type='llama'\) is invalid: .*hidden size \(10\)"
+  with pytest.raises(ValueError, match=want):
+    models.config_from_hf(bad)
 
 
 def test_missing_tensor_is_named(ckpt):
@@ -106,6 +117,8 @@ def test_missing_files_and_bad_options_are_named(ckpt, tmp_path):
     models.from_pretrained(tmp_path / "nowhere")
   with pytest.raises(ValueError, match="head='critic'"):
     models.from_pretrained(ckpt, head="critic")
+  with pytest.raises(ValueError, match="num_labels=3 applies to head='score' only"):
+    models.from_pretrained(ckpt, head="value", num_labels=3)
 
 
 def test_bad_call_arguments_are_named(tmp_path_factory):

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
 from flax import nnx
 from model_factories import (
   FAMILIES,
@@ -155,3 +156,43 @@ def test_legacy_rope_keys_read_like_rope_parameters():
   assert [getattr(legacy, f) for f in fields] == [getattr(current, f) for f in fields]
   assert legacy.rope_type == "llama3" and legacy.rope_factor == 8.0
   assert legacy.num_kv_heads == 2 and legacy.head_dim == 4 and legacy.sliding_windows == (None,)
+
+
+_MINIMAL = {
+  **{f: dict(vocab_size=11, hidden_size=64, intermediate_size=24, num_hidden_layers=30,
+             num_attention_heads=32) for f in ("llama", "mistral", "qwen3", "gemma2")},
+  "qwen2": dict(vocab_size=11, hidden_size=64, intermediate_size=24, num_hidden_layers=30,
+                num_attention_heads=32, use_sliding_window=True),
+  "gemma": dict(vocab_size=11, hidden_size=64, intermediate_size=24, num_hidden_layers=3,
+                num_attention_heads=32, hidden_act="gelu"),  # legacy value of the releases
+  "gpt2": dict(vocab_size=11, n_embd=16, n_head=2, n_layer=2),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_MINIMAL))
+def test_absent_config_keys_take_the_transformers_defaults(model_type):
+  """A ``config.json`` with only the sizes reads as ``transformers`` reads it (class defaults)."""
+  spec = _MINIMAL[model_type]
+  ours = models.config_from_hf({"model_type": model_type, **spec})
+  theirs = transformers.AutoConfig.for_model(model_type, **spec)
+
+  head_dim = getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads
+  kv_heads = getattr(theirs, "num_key_value_heads", theirs.num_attention_heads)
+  layer_types = getattr(theirs, "layer_types", None) or (
+    ["sliding_attention" if model_type == "mistral" else "full_attention"]
+    * theirs.num_hidden_layers
+  )
+  windows = tuple(theirs.sliding_window if t == "sliding_attention" else None for t in layer_types)
+  activation = getattr(theirs, "hidden_activation", None) or getattr(
+    theirs, "hidden_act", getattr(theirs, "activation_function", None)
+  )
+  assert (ours.head_dim, ours.num_kv_heads) == (head_dim, kv_heads)
+  assert ours.sliding_windows == windows
+  assert ours.activation == activation
+  assert ours.max_position_embeddings == theirs.max_position_embeddings
+  assert ours.tie_word_embeddings == theirs.tie_word_embeddings
+  if model_type == "gemma2":
+    assert ours.attention_scale == theirs.query_pre_attn_scalar**-0.5
+    assert (ours.attn_softcap, ours.final_softcap) == (
+      theirs.attn_logit_softcapping, theirs.final_logit_softcapping
+    )

@@ -28,6 +28,10 @@ def test_logical_to_mesh_drops_axes_that_are_absent_reused_or_do_not_divide(mesh
     models.logical_to_mesh(("embed",), (4, 4), mesh, rules)
   assert models.batch_sharding(mesh, ndim=3).spec == P("fsdp", None, None)
   assert models.batch_sharding(data_mesh).spec == P("data", None)
+  # The first rule of a name wins, for batches as for parameters.
+  first_wins = (("batch", "fsdp"), ("embed", "tensor"), ("batch", "tensor"), ("embed", "fsdp"))
+  assert models.batch_sharding(mesh, rules=first_wins).spec == P("fsdp", None)
+  assert models.logical_to_mesh(("embed",), (48,), mesh, first_wins) == P("tensor")
 
 
 def test_iter_linears_names_every_projection(tmp_path_factory):

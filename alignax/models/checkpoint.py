@@ -201,6 +201,8 @@ def from_pretrained(
   path = os.fspath(path)
   config = read_config(path)
   if num_labels is not None:
+    if head != "score":
+      raise ValueError(f"num_labels={num_labels} applies to head='score' only, got head={head!r}")
     if num_labels < 1:
       raise ValueError(f"num_labels must be >= 1, got {num_labels}")
     config = dataclasses.replace(config, num_labels=num_labels)

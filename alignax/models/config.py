@@ -2,14 +2,25 @@
 
 One frozen :class:`DecoderConfig` describes every family; :func:`config_from_hf` translates the
 family-specific Hugging Face keys into it and rejects what the decoder does not implement, naming
-the key, before any weight is read.
+the key, before any weight is read. The ``config.json`` is first resolved by the family's
+``transformers`` config class, so absent keys take that class's defaults (Mistral's
+``sliding_window=4096``, Gemma's ``head_dim=256``, Gemma 2's soft-caps, ...) and legacy spellings
+(``rope_scaling``, Gemma's ``hidden_act="gelu"``) mean what they mean to ``transformers``.
+
+Dropout rates (``attention_dropout``, GPT-2's ``*_pdrop``) are accepted and not applied: the decoder
+has no dropout (alignment trainers switch it off, e.g. TRL's ``disable_dropout``); LoRA adapters
+have their own.
 """
 
+import copy
 import dataclasses
 import json
 import math
 from collections.abc import Mapping
 from typing import Any
+
+from huggingface_hub.errors import StrictDataclassError
+from transformers import CONFIG_MAPPING
 
 from alignax import _validate
 
@@ -102,16 +113,13 @@ def _get(hf: Mapping[str, Any], key: str, *aliases: str, default: Any = ...) -> 
     if hf.get(k) is not None:
       return hf[k]
   if default is ...:
-    raise ValueError(f"config.json of model_type={hf.get('model_type')!r} lacks the key {key!r}")
+    raise ValueError(f"config.json of model_type={hf.get('model_type')!r}: {key!r} is null")
   return default
 
 
 def _rope(hf: Mapping[str, Any]) -> dict[str, Any]:
-  """RoPE settings from ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling``."""
+  """RoPE settings from ``rope_parameters`` (transformers folds legacy ``rope_scaling`` into it)."""
   params = dict(hf.get("rope_parameters") or {})
-  if not params:
-    params = dict(hf.get("rope_scaling") or {})
-    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
   rope_type = params.get("rope_type", params.get("type", "default"))
   if rope_type not in ROPE_TYPES:
     raise ValueError(
@@ -149,9 +157,9 @@ def _windows(
   return tuple(window if default_all else None for _ in range(num_layers))
 
 
-def _activation(hf: Mapping[str, Any], *keys: str, default: str) -> str:
-  act = _get(hf, *keys, default=default)
-  _validate.choice(keys[0], act, ACTIVATIONS)
+def _activation(hf: Mapping[str, Any], key: str) -> str:
+  act = _get(hf, key)
+  _validate.choice(key, act, ACTIVATIONS)
   return act
 
 
@@ -160,7 +168,10 @@ def _llama_like(hf: Mapping[str, Any]) -> dict[str, Any]:
   hidden = int(_get(hf, "hidden_size"))
   heads = int(_get(hf, "num_attention_heads"))
   layers = int(_get(hf, "num_hidden_layers"))
-  attention_bias = bool(hf.get("attention_bias", False))
+  # Only these families read attention_bias / mlp_bias; Qwen2 hard-codes its biases.
+  attention_bias = model_type in ("llama", "qwen3", "gemma", "gemma2") and bool(
+    hf.get("attention_bias", False)
+  )
   fields: dict[str, Any] = dict(
     vocab_size=int(_get(hf, "vocab_size")),
     hidden_size=hidden,
@@ -170,53 +181,41 @@ def _llama_like(hf: Mapping[str, Any]) -> dict[str, Any]:
     num_kv_heads=int(_get(hf, "num_key_value_heads", default=heads)),
     head_dim=int(_get(hf, "head_dim", default=hidden // heads)),
     norm="rms",
-    norm_eps=float(_get(hf, "rms_norm_eps", default=1e-6)),
+    norm_eps=float(_get(hf, "rms_norm_eps")),
     gated_mlp=True,
     qkv_bias=attention_bias,
     out_bias=attention_bias,
-    mlp_bias=bool(hf.get("mlp_bias", False)),
-    max_position_embeddings=int(_get(hf, "max_position_embeddings", default=2048)),
+    mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
+    max_position_embeddings=int(_get(hf, "max_position_embeddings")),
     tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
     sliding_windows=(None,) * layers,
     **_rope(hf),
   )
-  if model_type in ("llama", "mistral", "qwen2", "qwen3"):
-    fields["activation"] = _activation(hf, "hidden_act", default="silu")
+  # Gemma 2 reads hidden_activation; every other family hidden_act (Gemma's legacy "gelu" is
+  # already the tanh approximation after transformers' resolution).
+  act_key = "hidden_activation" if model_type == "gemma2" else "hidden_act"
+  fields["activation"] = _activation(hf, act_key)
   if model_type == "mistral":
     if hf.get("layer_types") is not None:
       raise ValueError("mistral config.json with layer_types (Ministral) is not supported")
     fields["sliding_windows"] = _windows(hf, layers, default_all=True)
-  if model_type in ("qwen2", "qwen3"):
-    if not hf.get("use_sliding_window", False):
-      hf = {k: v for k, v in hf.items() if k not in ("sliding_window", "layer_types")}
-    elif hf.get("layer_types") is None:
-      window_from = int(hf.get("max_window_layers", layers))
-      hf = {**hf, "layer_types": [
-        "sliding_attention" if i >= window_from else "full_attention" for i in range(layers)
-      ]}
+  if model_type in ("qwen2", "qwen3", "gemma2"):
+    # transformers derives layer_types (Qwen: use_sliding_window / max_window_layers; Gemma 2:
+    # alternating) and nulls Qwen's sliding_window when use_sliding_window is false.
     fields["sliding_windows"] = _windows(hf, layers, default_all=False)
   if model_type == "qwen2":
     fields["qkv_bias"], fields["out_bias"] = True, False
   if model_type == "qwen3":
     fields["qk_norm"] = True
   if model_type in ("gemma", "gemma2"):
-    fields["activation"] = _activation(
-      hf, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh"
-    )
     fields["norm_offset"] = 1.0
     fields["embed_scale"] = math.sqrt(hidden)
-    fields["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", True))
   if model_type == "gemma2":
     fields["sandwich_norm"] = True
     fields["attention_scale"] = float(_get(hf, "query_pre_attn_scalar")) ** -0.5
     for key, field in (("attn_logit_softcapping", "attn_softcap"),
                        ("final_logit_softcapping", "final_softcap")):
       fields[field] = None if hf.get(key) is None else float(hf[key])
-    if hf.get("layer_types") is None:
-      hf = {**hf, "layer_types": [
-        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)
-      ]}
-    fields["sliding_windows"] = _windows(hf, layers, default_all=False)
   if hf.get("use_bidirectional_attention"):
     raise ValueError("use_bidirectional_attention=true (config.json) is not supported")
   return fields
@@ -239,8 +238,8 @@ def _gpt2(hf: Mapping[str, Any]) -> dict[str, Any]:
     num_kv_heads=heads,
     head_dim=hidden // heads,
     norm="layer",
-    norm_eps=float(_get(hf, "layer_norm_epsilon", default=1e-5)),
-    activation=_activation(hf, "activation_function", default="gelu_new"),
+    norm_eps=float(_get(hf, "layer_norm_epsilon")),
+    activation=_activation(hf, "activation_function"),
     gated_mlp=False,
     qkv_bias=True,
     out_bias=True,
@@ -251,17 +250,23 @@ def _gpt2(hf: Mapping[str, Any]) -> dict[str, Any]:
     attention_scale=(hidden // heads) ** -0.5 if hf.get("scale_attn_weights", True) else 1.0,
     scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
     sliding_windows=(None,) * layers,
-    tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+    tie_word_embeddings=bool(_get(hf, "tie_word_embeddings")),
   )
 
 
 def config_from_hf(hf: Mapping[str, Any]) -> DecoderConfig:
   """Builds a :class:`DecoderConfig` from a parsed Hugging Face ``config.json``.
 
+  The keys are read after the family's ``transformers`` config class has resolved them (class
+  defaults for absent keys, legacy spellings converted), exactly as
+  ``transformers.AutoModelForCausalLM.from_pretrained`` would see them; ``hf_config_json`` keeps the
+  source as given.
+
   Raises:
     ValueError: ``model_type`` is missing or not one of :data:`SUPPORTED_MODEL_TYPES` (the
-      message names it and lists the supported ones), a required key is missing, or a feature the
-      decoder does not implement is switched on (named by its key).
+      message names it and lists the supported ones), ``transformers`` rejects the config (its
+      message is kept), a required key is null, or a feature the decoder does not implement is
+      switched on (named by its key).
   """
   model_type = hf.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
@@ -269,6 +274,12 @@ def config_from_hf(hf: Mapping[str, Any]) -> DecoderConfig:
       f"model_type={model_type!r} (config.json) is not supported; "
       f"supported model types: {list(SUPPORTED_MODEL_TYPES)}"
     )
+  source = dict(hf)
+  try:
+    resolved = CONFIG_MAPPING[model_type].from_dict(copy.deepcopy(source)).to_dict()
+  except (ValueError, TypeError, StrictDataclassError) as error:
+    raise ValueError(f"config.json (model_type={model_type!r}) is invalid: {error}") from error
+  hf = {**resolved, "model_type": model_type}
   fields = _gpt2(hf) if model_type == "gpt2" else _llama_like(hf)
   if fields["num_heads"] % fields["num_kv_heads"]:
     raise ValueError(
@@ -281,6 +292,6 @@ def config_from_hf(hf: Mapping[str, Any]) -> DecoderConfig:
     model_type=model_type,
     pad_token_id=hf.get("pad_token_id"),
     num_labels=int(num_labels),
-    hf_config_json=json.dumps(dict(hf), sort_keys=True),
+    hf_config_json=json.dumps(source, sort_keys=True),
     **fields,
   )

@@ -351,6 +351,28 @@ def _run_block(block: Block, x: Array, rotary: Any, mask: Array) -> Array:
   return block(x, rotary, mask)[0]
 
 
+def _cache_full_message(index: int, tokens: int, slots: int) -> str:
+  return f"cache is full: index {index} + {tokens} tokens > {slots} slots"
+
+
+def _raise_cache_full(index: IntLike, *, tokens: int, slots: int) -> None:
+  index = np.asarray(index)
+  if np.any(index + tokens > slots):  # any: the predicate is batched under vmap
+    raise ValueError(_cache_full_message(int(np.max(index)), tokens, slots))
+
+
+def _fail_on_device_if_full(index: Int[Array, ""], tokens: int, slots: int) -> None:
+  """Raises (as a ``JaxRuntimeError``) when a traced write would run past the cache's end.
+
+  ``dynamic_update_slice`` would otherwise clamp the write onto the last slots. The host callback
+  sits in the taken branch of a ``cond`` only, so a decode loop that stays within ``max_len``
+  never leaves the device.
+  """
+  overflow = index + tokens > slots
+  report = functools.partial(_raise_cache_full, tokens=tokens, slots=slots)
+  jax.lax.cond(overflow, lambda: jax.debug.callback(report, index), lambda: None)
+
+
 class Transformer(nnx.Module):
   """The decoder body: embeddings, blocks and the final norm (no head).
 
@@ -440,9 +462,10 @@ class Transformer(nnx.Module):
         raise ValueError(f"cache holds {cache.valid.shape[0]} rows but input_ids has {b}")
       if t > slots:
         raise ValueError(f"input_ids has {t} tokens but the cache only {slots} slots")
-      # Under jit the index is traced and the caller owns the budget (writes past the end clamp).
-      if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + t > slots:
-        raise ValueError(f"cache is full: index {int(cache.index)} + {t} tokens > {slots} slots")
+      if isinstance(cache.index, jax.core.Tracer):
+        _fail_on_device_if_full(cache.index, t, slots)
+      elif int(cache.index) + t > slots:
+        raise ValueError(_cache_full_message(int(cache.index), t, slots))
     elif self.pos_embed is not None and t > c.max_position_embeddings:
       raise ValueError(
         f"input_ids has {t} tokens, more than the learned position table "
@@ -562,7 +585,10 @@ class CausalLM(nnx.Module):
       attention_mask: ``[B, T]`` True (or 1) for real tokens; default all real.
       positions: ``[B, T]`` position ids; default see the module docstring.
       segment_ids: ``[B, T]`` packed-sequence ids; tokens attend only within their segment.
-      cache: a :class:`KVCache`; the ``T`` new tokens are written at ``cache.index``.
+      cache: a :class:`KVCache`; the ``T`` new tokens are written at ``cache.index``. A write
+        past ``max_len`` raises: a ``ValueError`` when the index is concrete, a
+        ``JaxRuntimeError`` (raised from the device, without a host sync on the normal path)
+        under ``jit``.
       compute_logits: False stops before the LM head (``logits`` is None), for the fused kernel.
 
     Returns:

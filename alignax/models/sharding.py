@@ -114,7 +114,7 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Rules = DEFAULT_RULES) -> NamedSharding:
   """Sharding of a ``[batch, ...]`` input: the batch dimension over the ``batch`` rule's axes."""
-  targets = dict(rules).get("batch")
+  targets = next((target for name, target in rules if name == "batch"), None)  # first match wins
   targets = (targets,) if isinstance(targets, str) else tuple(targets or ())
   kept = tuple(a for a in targets if a in mesh.shape)
   first = None if not kept else kept[0] if len(kept) == 1 else kept
