@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
+from jax import core, lax
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
@@ -93,6 +93,25 @@ def _check_options(
     raise ValueError(f"mask must be boolean, got dtype {mask.dtype}")
 
 
+def _check_targets_in_range(targets: Array, mask: Array | None, num_valid: int) -> None:
+  """Raises ValueError naming the first unmasked target outside [0, num_valid), when the targets
+  (and the mask) are concrete. Traced calls cannot look at values and keep logp = −lse there."""
+  concrete = [x for x in (targets, mask) if x is not None]
+  if any(isinstance(x, core.Tracer) or not getattr(x, "is_fully_addressable", True)
+         for x in concrete):
+    return
+  targets = np.asarray(targets)
+  bad = (targets < 0) | (targets >= num_valid)
+  if mask is not None:
+    bad &= np.asarray(mask)
+  if bad.any():
+    row = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(
+      f"targets[{', '.join(map(str, row))}] = {targets[row]} is outside [0, {num_valid}); mask "
+      "that token out (mask=False) or fix the target"
+    )
+
+
 def _check_mesh(mesh: Mesh | None, vocab_axis: str | None, vocab_size: int) -> None:
   if vocab_axis is None:
     return
@@ -147,10 +166,14 @@ def _place(x: Array | None, mesh: Mesh | AbstractMesh, spec: PartitionSpec | Non
 
 def _run(
   stats_fn, empty_stats, psum_stats, token_args: tuple, head_args: tuple, targets: Array | None,
-  *, mesh: Mesh | None, vocab_axis: str | None, valid_vocab: int | None,
+  *, mesh: Mesh | None, vocab_axis: str | None, valid_vocab: int | None, interpret: bool,
 ):
   """Calls ``stats_fn(token_args, head_args, targets, valid_vocab)`` on the whole problem, or per
-  device under ``shard_map`` (tokens over the non-vocab axes, head rows over ``vocab_axis``)."""
+  device under ``shard_map`` (tokens over the non-vocab axes, head rows over ``vocab_axis``).
+
+  ``interpret``: the Pallas interpreter (jax 0.10.2) does not carry the varying-manual-axes types
+  of ``shard_map`` into the kernel body, so interpreted kernels run without that check.
+  """
   if mesh is None:
     # Inputs laid out on a mesh with explicit axes cannot be sliced block by block as if they were
     # whole; run per device on that mesh instead, keeping a head split over one axis split
@@ -212,7 +235,9 @@ def _run(
     lambda x, spec: _place(x, mesh, spec), (token_args, head_args, targets), specs,
     is_leaf=lambda x: x is None,
   )
-  stats = jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=tokens)(*args)
+  stats = jax.shard_map(
+    per_device, mesh=mesh, in_specs=specs, out_specs=tokens, check_vma=not interpret
+  )(*args)
   if padded == num_tokens:
     return stats
   # An uneven slice of a sharded axis is not allowed; the [N]-sized results are cheap to gather.
@@ -252,7 +277,8 @@ def token_logprobs(
   Args:
     hidden: final hidden states [*b, d] (any leading dims, e.g. [B, T, d]).
     lm_head: LM-head / unembedding matrix [V, d] (pass the embedding table for tied embeddings).
-    targets: target token ids [*b]; an id outside [0, V) gives logp = −lse.
+    targets: target token ids [*b]. An unmasked id outside [0, V) (or [0, valid_vocab)) raises
+      ValueError naming its index when the call is eager; under jit it gives logp = −lse.
     mask: boolean [*b]; False tokens give 0 (and zero gradient), their hidden rows are not used.
     bias: LM-head bias [V], optional.
     temperature: T > 0 (the sampling temperature whose policy is scored).
@@ -283,6 +309,7 @@ def token_logprobs(
     vocab_size=lm_head.shape[0], mask=mask,
   )
   _check_mesh(mesh, vocab_axis, lm_head.shape[0])
+  _check_targets_in_range(targets, mask, lm_head.shape[0] if valid_vocab is None else valid_vocab)
   kernel = implementation(impl)
 
   hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -303,6 +330,7 @@ def token_logprobs(
   stats = _run(
     stats_fn, empty_stats, common.psum_vocab_stats, (hidden,), (lm_head, bias), targets,
     mesh=mesh, vocab_axis=vocab_axis, valid_vocab=valid_vocab,
+    interpret=impl_options.get("interpret", False),
   )
 
   def finish(x):
@@ -400,7 +428,7 @@ def token_kl(
   stats = _run(
     stats_fn, empty_stats, common.psum_kl_stats, (hidden_p, hidden_q),
     (head_p, bias_p, head_q, bias_q), None, mesh=mesh, vocab_axis=vocab_axis,
-    valid_vocab=valid_vocab,
+    valid_vocab=valid_vocab, interpret=impl_options.get("interpret", False),
   )
   kl = stats.expected_diff - stats.lse_p + stats.lse_q
   if mask is not None:

@@ -11,9 +11,11 @@ Backward (``jax.custom_vjp``) recomputes each logit block twice, in two independ
   db = Σ_n dz_raw
 
 Each loop writes finished blocks of its output, so no fp32 copy of W or h is ever made. This costs
-8·N·d·V FLOPs for forward + backward instead of 6 (one extra recompute) and buys two things: the
-peak memory is a few [token_block, vocab_block] tiles, and the dW loop is dead code when the head
-is frozen (its cotangent is unused), so jit removes it and a frozen head costs no dW work.
+10·N·d·V FLOPs for forward + backward (2 forward, then per loop 2 to recompute the logits and 2 for
+its gradient GEMM) instead of the 6 of kept logits (6 instead of 4 with a frozen head), and buys
+two things: the peak memory is a few [token_block, vocab_block] tiles, and the dW loop is dead
+code when the head is frozen (its cotangent is unused), so jit removes it and a frozen head costs
+no dW work.
 
 Blocks that would run past the end of an axis are shifted back to end at the edge (no padded copy
 of the inputs); the columns or rows they share with the previous block are masked where they
@@ -76,6 +78,8 @@ def _for_each_block(
   body reads (see ``_varying``).
   """
   init = _varying(init, sources)
+  if extent == 0:  # no tokens (or rows): nothing to accumulate
+    return init
   size = min(block, extent)
 
   def step(index, carry):

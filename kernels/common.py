@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax.numpy as jnp
-from jax import lax
+from jax import core, lax
 from jaxtyping import Array, Bool, Float, Int
 
 from alignax import _validate
@@ -66,6 +66,14 @@ def check_options(
   valid_vocab: int | None,
 ) -> None:
   """Raises ValueError (naming the argument) on hyper-parameters no implementation accepts."""
+  options = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                 vocab_offset=vocab_offset, valid_vocab=valid_vocab)
+  for name, value in options.items():
+    if isinstance(value, core.Tracer):  # the kernels are specialised to these values
+      raise ValueError(
+        f"{name} must be a Python number known at trace time (mark it static under jit), got a "
+        f"traced {value.aval.str_short()}"
+      )
   _validate.positive("temperature", float(temperature))
   _validate.positive("softcap", None if softcap is None else float(softcap))
   if not math.isfinite(logit_scale):
@@ -241,8 +249,10 @@ def target_logit_of_block(
 
 
 def _softmax_block(z: Float[Array, "*n v"], lse: Float[Array, "*n"]) -> Float[Array, "*n v"]:
-  # A slice with no valid column has lse = −inf; its p must be 0, not exp(−inf + inf).
-  return jnp.exp(z - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
+  # A slice with no valid column has lse = −inf; its p must be 0, not exp(−inf + inf). z ≤ lse
+  # holds for real rows, but block-padding rows (zero hidden, lse and cotangent 0) see z = b / T,
+  # whose exp overflows for a large bias: capping at 0 keeps their p finite, so p · 0 stays 0.
+  return jnp.exp(jnp.minimum(z - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None], 0.0))
 
 
 def vocab_stats_logit_cotangent(

@@ -408,6 +408,9 @@ def _local_targets(cfg: _Config, targets: Array) -> Array:
 
 
 def _forward(cfg: _Config, arrays: dict[str, Array], n: int) -> VocabStats | KLStats:
+  if n == 0:  # no tokens: a grid with a zero extent does not lower
+    empty = jnp.zeros_like(arrays["hidden_p"][:, 0], jnp.float32)
+    return (VocabStats if cfg.kind == "vocab" else KLStats)(empty, empty, empty)
   grid_axes = ("v", "n")  # token blocks vary fastest: programs running together share a W tile
   inputs = {name: (a, _spec(name, a, grid_axes, cfg)) for name, a in arrays.items()}
   partial_names = ["max", "sumexp", "weighted"]
@@ -448,6 +451,9 @@ def _merge_tiles(state: common.OnlineState) -> common.OnlineState:
 
 def _backward(cfg: _Config, arrays: dict[str, Array], needs: _Needs) -> dict[str, Array]:
   """Runs the dX and/or dW kernels that ``needs`` asks for; returns padded fp32 gradients."""
+  if cfg.padded_n == 0:  # no tokens: nothing to reduce, and a zero-extent grid does not lower
+    return {"out_d" + name: jnp.zeros_like(arrays[name + "_p"], jnp.float32)
+            for name in ("hidden", "weight", "bias") if name + "_p" in arrays}
   grads = {}
   d = cfg.padded_d
   if needs.hidden:
@@ -591,8 +597,8 @@ def _config(
   block_n, block_v = block_n or default_n, block_v or default_v
   block_k = block_k or default_k or d
   if interpret:
-    # The interpreter has no tiling constraints: blocks only shrink to the extents.
-    block_n, block_v, block_k = min(block_n, n), min(block_v, shard_vocab), min(block_k, d)
+    # The interpreter has no tiling constraints: blocks only shrink to the extents (N may be 0).
+    block_n, block_v, block_k = max(1, min(block_n, n)), min(block_v, shard_vocab), min(block_k, d)
   elif backend == "triton":
     # Triton tensors have power-of-2 sides, and tl.dot needs every side >= 16.
     for name, value in (("block_n", block_n), ("block_v", block_v), ("block_k", block_k)):

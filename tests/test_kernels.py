@@ -262,8 +262,9 @@ def test_api_implementations_agree_and_auto_is_chunked_on_cpu():
   x = _inputs()
   assert api.implementation("auto") is chunked
   options = dict(bias=x["bias"], temperature=0.6, softcap=2.5, logit_scale=0.8, valid_vocab=99)
-  ref = api.token_logprobs(x["hidden"], x["weight"], x["targets"], impl="reference", **options)
-  auto = api.token_logprobs(x["hidden"], x["weight"], x["targets"], **options)
+  targets = x["targets"] % 99
+  ref = api.token_logprobs(x["hidden"], x["weight"], targets, impl="reference", **options)
+  auto = api.token_logprobs(x["hidden"], x["weight"], targets, **options)
   _assert_close(auto, ref, 1e-5)
 
 
@@ -311,6 +312,37 @@ def test_fully_masked_rows_and_extreme_logits_stay_finite():
     hidden, x["weight"]
   )
   assert all(np.all(np.asarray(g) == 0) for g in grads)
+
+
+def test_out_of_range_targets_raise_eagerly_and_score_minus_lse_under_jit():
+  x = _inputs(n=6, v=12)
+  h, w = x["hidden"].reshape(2, 3, D), x["weight"]
+  targets = (x["targets"] % 10).reshape(2, 3).at[1, 2].set(-100).at[0, 1].set(11)
+  call = functools.partial(api.token_logprobs, impl="chunked")
+  with pytest.raises(ValueError, match=r"targets\[0, 1\] = 12 is outside \[0, 12\)"):
+    call(h, w, targets.at[0, 1].set(12))
+  with pytest.raises(ValueError, match=r"targets\[0, 1\] = 11 is outside \[0, 11\)"):
+    call(h, w, targets, valid_vocab=11, mask=targets >= 0)
+  call(h, w, targets, valid_vocab=11, mask=(targets >= 0) & (targets < 11))  # masked out: fine
+  # Traced targets cannot be inspected: an out-of-range id keeps the documented logp = −lse.
+  out = jax.jit(functools.partial(call, return_lse=True))(h, w, targets)
+  np.testing.assert_allclose(out.logp[1, 2], -out.lse[1, 2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked", "pallas"])
+def test_no_tokens_give_empty_outputs_and_zero_gradients(impl):
+  w = _inputs(n=1, v=20)["weight"]
+  h, t = jnp.zeros((2, 0, D)), jnp.zeros((2, 0), jnp.int32)
+  options = {"chunked": BLOCKS, "pallas": dict(interpret=True), "reference": {}}[impl]
+
+  def loss(h, w):
+    out = api.token_logprobs(h, w, t, return_entropy=True, impl=impl, **options)
+    kl = api.token_kl(h, w, h, w, impl=impl, **options)
+    return jnp.sum(out.logp) + jnp.sum(out.entropy) + jnp.sum(kl), (out, kl)
+
+  (_, (out, kl)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(h, w)
+  assert out.logp.shape == out.entropy.shape == kl.shape == (2, 0)
+  assert grads[0].shape == h.shape and grads[1].shape == w.shape and not np.any(grads[1])
 
 
 def test_tied_embeddings_gradient_flows_through_both_uses():
@@ -456,6 +488,8 @@ def test_bad_inputs_raise_naming_the_argument():
     (lambda: api.token_kl(h, w, h[:5], w), "hidden_q"),
     (lambda: api.token_kl(h, w, h, w[:6]), "head_q"),
     (lambda: chunked.vocab_stats(h, w, t, vocab_block=0), "vocab_block"),
+    (lambda: jax.jit(lambda temp: call(h, w, t, temperature=temp))(0.7), "temperature must be"),
+    (lambda: jax.jit(lambda c: api.token_kl(h, w, h, w, softcap=c))(5.0), "softcap must be"),
   ]
   for fn, message in cases:
     with pytest.raises(ValueError, match=message):

@@ -15,7 +15,7 @@ from alignax.kernels import reference
 from alignax.kernels import token_logprobs
 
 N, D, V = 37, 24, 203  # none a multiple of the blocks below
-BLOCKS = {"block_n": 16, "block_v": 64, "block_k": 8}
+BLOCKS = {"block_n": 16, "block_v": 64, "block_k": 16}
 ALL_OPTIONS = {
   "temperature": 0.7, "softcap": 5.0, "logit_scale": 1.3, "vocab_offset": 10, "valid_vocab": 190,
 }
@@ -138,6 +138,50 @@ def test_extreme_logits_stay_finite(key, softcap):
   # The fp32 rounding of a 1e4-sized dot (~1e-3 absolute) differs between summation orders (block_k
   # chunks vs one einsum) and p = e^{z − lse} turns it into a ~1e-3 relative change of the gradient.
   _assert_close(grads, ref_grads, 1e-3, ["d_hidden", "d_weight"])
+
+
+@pytest.mark.parametrize("backend", ["mosaic_tpu", "triton"])
+def test_padding_rows_stay_finite_with_a_large_bias(key, backend):
+  # Token rows that only pad N to the block have zero hidden states, so their logits are b / T;
+  # e^{b / T} overflows fp32, and the backward pass must not turn that into inf · 0 = NaN.
+  hidden, weight, bias, targets, cotangent = _inputs(key)
+  bias = bias + 100.0
+
+  def pallas(h, w, b):
+    return kp.vocab_stats(h, w, targets, bias=b, temperature=0.9, interpret=True, backend=backend,
+                          **BLOCKS)
+
+  def ref(h, w, b):
+    return reference.vocab_stats(h, w, targets, bias=b, temperature=0.9)
+
+  stats, grads = jax.jit(lambda *a: _value_and_grads(pallas, cotangent, *a))(hidden, weight, bias)
+  ref_stats, ref_grads = _value_and_grads(ref, cotangent, hidden, weight, bias)
+  _assert_close(stats, ref_stats, 1e-5, ["lse", "target_logit", "expected_logit"])
+  # Logits near 100 round at ~1e-5 relative in fp32, and p = e^{z − lse} inherits that.
+  _assert_close(grads, ref_grads, 1e-4, ["d_hidden", "d_weight", "d_bias"])
+
+
+def test_sharded_tokens_and_vocabulary_in_interpret_mode():
+  # Tokens over `data`, vocabulary over `tensor` (the last shard all padding), run by the Pallas
+  # interpreter inside jax.shard_map, against the unsharded reference.
+  mesh = jax.make_mesh((2, 4), ("data", "tensor"))
+  hidden, weight, bias, targets, cotangent = _inputs(jax.random.key(3))
+  hidden, weight, bias = hidden[:15], weight[:64], bias[:64]
+  targets = targets[:15] % 40
+  mask = jnp.arange(15) % 4 != 1
+
+  def loss(h, w, b, **options):
+    out = token_logprobs(h, w, targets, mask=mask, bias=b, return_entropy=True, valid_vocab=40,
+                         softcap=5.0, **options)
+    return jnp.sum(cotangent[0, :15] * out.logp + cotangent[1, :15] * out.entropy)
+
+  args = (hidden, weight, bias)
+  got = jax.jit(jax.value_and_grad(lambda *a: loss(
+    *a, impl="pallas", interpret=True, mesh=mesh, vocab_axis="tensor", block_n=4, block_v=8,
+  ), (0, 1, 2)))(*args)
+  want = jax.value_and_grad(lambda *a: loss(*a, impl="reference"), (0, 1, 2))(*args)
+  _assert_close(jax.tree.leaves(got), jax.tree.leaves(want), 1e-5,
+                ["loss", "d_hidden", "d_weight", "d_bias"])
 
 
 def test_frozen_head_skips_the_weight_kernel(key):
