@@ -63,7 +63,8 @@ class Linear(nnx.Module):
       if use_bias
       else None
     )
-    self.lora: nnx.Module | None = None
+    # Declared as data (not a static attribute) so an adapter assigned later is part of the graph.
+    self.lora: nnx.Module | None = nnx.data(None)
 
   def __call__(self, x: Float[Array, "*b d_in"]) -> Float[Array, "*b d_out"]:
     y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))

@@ -70,8 +70,7 @@ class LoRAConfig:
   param_dtype: DType | None = None
 
   def __post_init__(self):
-    if not isinstance(self.rank, int) or self.rank < 1:
-      raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+    _validate.positive_int("rank", self.rank)
     _validate.positive("alpha", self.alpha)
     _validate.in_unit_interval("dropout", self.dropout)
     targets = self.target_modules
@@ -187,16 +186,14 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> tupl
     raise ValueError(f"target_modules {unused} match no projection; the model has {names}")
   for _, linear in adapted:
     kernel = linear.kernel
-    linear.lora = nnx.data(
-      LoRA(
-        linear.in_features,
-        linear.out_features,
-        config,
-        dtype=linear.dtype,
-        param_dtype=kernel.dtype if config.param_dtype is None else config.param_dtype,
-        kernel_axes=tuple(kernel.get_metadata("out_sharding", (None, None))),
-        rngs=rngs,
-      )
+    linear.lora = LoRA(
+      linear.in_features,
+      linear.out_features,
+      config,
+      dtype=linear.dtype,
+      param_dtype=kernel.dtype if config.param_dtype is None else config.param_dtype,
+      kernel_axes=tuple(kernel.get_metadata("out_sharding", (None, None))),
+      rngs=rngs,
     )
   return tuple(path for path, _ in adapted)
 
