@@ -22,6 +22,12 @@ def positive(name: str, value: Real | None) -> None:
     raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
+def positive_int(name: str, value: Any) -> None:
+  """Raises ValueError unless ``value`` is a Python int >= 1 (a size, a rank, a block length)."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def in_unit_interval(name: str, value: Real, *, closed_right: bool = False) -> None:
   ok = 0 <= value <= 1 if closed_right else 0 <= value < 1
   if not ok:

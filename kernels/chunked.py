@@ -32,6 +32,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int
 
+from alignax import _validate
 from alignax.kernels import common
 from alignax.kernels.common import KLStats, VocabStats
 
@@ -58,9 +59,8 @@ def _config(
     temperature=temperature, softcap=softcap, logit_scale=logit_scale, vocab_offset=vocab_offset,
     valid_vocab=valid_vocab,
   )
-  for name, value in (("token_block", token_block), ("vocab_block", vocab_block)):
-    if not (isinstance(value, int) and value >= 1):
-      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  _validate.positive_int("token_block", token_block)
+  _validate.positive_int("vocab_block", vocab_block)
   return _Config(
     float(temperature), None if softcap is None else float(softcap), float(logit_scale),
     int(vocab_offset), None if valid_vocab is None else int(valid_vocab), token_block, vocab_block,

@@ -589,8 +589,8 @@ def _config(
   _validate.choice("backend", backend, BACKENDS)
   for name, value in (("block_n", block_n), ("block_v", block_v), ("block_k", block_k),
                       ("num_warps", num_warps), ("num_stages", num_stages)):
-    if value is not None and not (isinstance(value, int) and value >= 1):
-      raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if value is not None:
+      _validate.positive_int(name, value)
   n, d = hidden.shape[0], width
   shard_vocab = weight.shape[0]
   default_n, default_v, default_k = _DEFAULT_BLOCKS[backend]

@@ -203,8 +203,7 @@ def from_pretrained(
   if num_labels is not None:
     if head != "score":
       raise ValueError(f"num_labels={num_labels} applies to head='score' only, got head={head!r}")
-    if num_labels < 1:
-      raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+    _validate.positive_int("num_labels", num_labels)
     config = dataclasses.replace(config, num_labels=num_labels)
   checkpoint = _Checkpoint(path)
   cls = _model_class(head)
