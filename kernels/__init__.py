@@ -12,4 +12,5 @@ if __name__ == "alignax.kernels":
   from alignax.kernels.api import token_kl as token_kl
   from alignax.kernels.api import token_logprobs as token_logprobs
   from alignax.kernels.common import KLStats as KLStats
+  from alignax.kernels.common import LMHead as LMHead
   from alignax.kernels.common import VocabStats as VocabStats

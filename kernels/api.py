@@ -21,31 +21,64 @@ from jaxtyping import Array, Bool, Float, Int
 
 from alignax import _validate
 from alignax.kernels import common
-from alignax.kernels.common import KLStats, VocabStats
+from alignax.kernels.common import KLStats, LMHead, VocabStats
 
 IMPLEMENTATIONS = ("auto", "pallas", "chunked", "reference")
 
+# Backends on which benchmarks/device_check.sh has run the Pallas kernels against the reference and
+# passed (BUILD.md records the run). A kernel that has never run on its device is not a default, so
+# until a backend is listed here `impl="auto"` takes the portable chunked kernel there too.
+PALLAS_VALIDATED_BACKENDS: frozenset[str] = frozenset()
+
 
 class TokenLogprobs(NamedTuple):
-  """Per-token outputs of ``token_logprobs`` when extras are requested (None when not requested).
+  """Per-token outputs of ``token_logprobs``, all fp32 ``[*b]`` and 0 on masked tokens.
+
+  The three come out of one pass over the vocabulary (the kernel accumulates all of them anyway);
+  gradients flow through whichever the caller uses.
 
   Attributes:
-    logp: log π(target | context) [*b].
-    entropy: H(π(· | context)) = lse − E_π[z] [*b], or None.
-    lse: log Σ_j exp z_j [*b] (e.g. for a z-loss), or None.
+    logp: log π(target | context).
+    entropy: H(π(· | context)) = lse − E_π[z].
+    lse: log Σ_j exp z_j (e.g. for a z-loss).
   """
 
   logp: Float[Array, "*b"]
-  entropy: Float[Array, "*b"] | None
-  lse: Float[Array, "*b"] | None
+  entropy: Float[Array, "*b"]
+  lse: Float[Array, "*b"]
 
 
 def implementation(impl: str) -> ModuleType:
-  """The kernel module for ``impl``; ``"auto"`` = pallas on GPU/TPU, chunked on CPU."""
+  """The kernel module for ``impl``.
+
+  ``"auto"`` is the Pallas kernel on a backend listed in ``PALLAS_VALIDATED_BACKENDS`` (validated on
+  its device by ``benchmarks/device_check.sh``) and the chunked pure-JAX kernel everywhere else.
+  """
   _validate.choice("impl", impl, IMPLEMENTATIONS)
   if impl == "auto":
-    impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "chunked"
+    impl = "pallas" if jax.default_backend() in PALLAS_VALIDATED_BACKENDS else "chunked"
   return importlib.import_module(f"alignax.kernels.{impl}")
+
+
+def _unpack_head(
+  head: LMHead | Array, *, name: str, bias: Array | None, softcap: float | None,
+  logit_scale: float,
+) -> tuple[Array, Array | None, float | None, float]:
+  """``(weight, bias, softcap, logit_scale)`` from an ``LMHead`` or a bare ``[V, d]`` weight.
+
+  With an ``LMHead`` the head carries its own bias and logit transform; giving them again as
+  keywords is ambiguous, so it is an error rather than a silent override.
+  """
+  if not isinstance(head, LMHead):
+    return head, bias, softcap, logit_scale
+  extra = [k for k, given in (("bias", bias is not None), ("softcap", softcap is not None),
+                              ("logit_scale", logit_scale != 1.0)) if given]
+  if extra:
+    raise ValueError(
+      f"{name} is an LMHead, which carries bias, softcap and logit_scale itself; do not pass "
+      f"{extra} as keywords too"
+    )
+  return head.weight, head.bias, head.softcap, head.logit_scale
 
 
 # ------------------------------------------------------------------------------------------------
@@ -90,7 +123,8 @@ def _check_options(
   if valid_vocab is not None and valid_vocab > vocab_size:
     raise ValueError(f"valid_vocab={valid_vocab} exceeds the head's {vocab_size} rows")
   if mask is not None and mask.dtype != jnp.bool_:
-    raise ValueError(f"mask must be boolean, got dtype {mask.dtype}")
+    # A loss mask, unlike a model's attention mask, must say True/False explicitly.
+    raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
 
 
 def _check_targets_in_range(targets: Array, mask: Array | None, num_valid: int) -> None:
@@ -250,7 +284,7 @@ def _run(
 
 def token_logprobs(
   hidden: Float[Array, "*b d"],
-  lm_head: Float[Array, "V d"],
+  head: LMHead | Float[Array, "V d"],
   targets: Int[Array, "*b"],
   *,
   mask: Bool[Array, "*b"] | None = None,
@@ -259,51 +293,55 @@ def token_logprobs(
   softcap: float | None = None,
   logit_scale: float = 1.0,
   valid_vocab: int | None = None,
-  return_entropy: bool = False,
-  return_lse: bool = False,
   impl: str = "auto",
   mesh: Mesh | None = None,
   vocab_axis: str | None = None,
   **impl_options,
-) -> Float[Array, "*b"] | TokenLogprobs:
+) -> TokenLogprobs:
   """log π(y_t | context) = z_{y_t} − log Σ_j exp z_j, with z = cap(s · h Wᵀ + b) / T, fused.
 
   The logits never exist as a [tokens, V] array (except with ``impl="reference"``): the statistics
   are accumulated over vocabulary blocks with an online log-sum-exp in fp32, and the backward pass
   recomputes them block by block. ``softcap`` is Gemma 2's final-logit soft-capping
-  c · tanh(z / c); the temperature divides the capped logits, as samplers do. Entropy is
-  H = lse − Σ_j π_j z_j.
+  c · tanh(z / c); the temperature divides the capped logits, as samplers do. The same pass gives
+  the entropy H = lse − Σ_j π_j z_j and the log-partition lse.
 
   Args:
     hidden: final hidden states [*b, d] (any leading dims, e.g. [B, T, d]).
-    lm_head: LM-head / unembedding matrix [V, d] (pass the embedding table for tied embeddings).
-    targets: target token ids [*b]. An unmasked id outside [0, V) (or [0, valid_vocab)) raises
-      ValueError naming its index when the call is eager; under jit it gives logp = −lse.
-    mask: boolean [*b]; False tokens give 0 (and zero gradient), their hidden rows are not used.
-    bias: LM-head bias [V], optional.
+    head: the model's ``LMHead`` (``model.get_lm_head()``: weight, bias, softcap and logit scale in
+      one), or a bare LM-head / unembedding matrix [V, d] (the embedding table for tied embeddings)
+      whose bias and transform are then the keywords below.
+    targets: target token ids [*b] (``alignax.next_token_targets`` makes them from ``input_ids``). An
+      unmasked id outside [0, V) (or [0, valid_vocab)) raises ValueError naming its index when the
+      call is eager; under jit it gives logp = −lse.
+    mask: boolean loss mask [*b]; False tokens give 0 (and zero gradient), their hidden rows are not
+      used.
+    bias: LM-head bias [V], optional (bare-matrix heads only).
     temperature: T > 0 (the sampling temperature whose policy is scored).
-    softcap: c > 0 or None.
-    logit_scale: s, multiplies h Wᵀ before the bias (e.g. 1/√d heads, muP output multipliers).
+    softcap: c > 0 or None (bare-matrix heads only).
+    logit_scale: s, multiplies h Wᵀ before the bias (bare-matrix heads only).
     valid_vocab: rows >= this of a padded head are excluded from the softmax.
-    return_entropy: also return the entropy.
-    return_lse: also return the log-partition lse.
-    impl: ``"auto"`` (pallas on GPU/TPU, chunked on CPU), ``"pallas"``, ``"chunked"`` or
+    impl: ``"auto"`` (the Pallas kernel on backends where it is validated, see
+      ``PALLAS_VALIDATED_BACKENDS``; chunked elsewhere), ``"pallas"``, ``"chunked"`` or
       ``"reference"`` (materialises the logits).
     mesh: run under ``jax.shard_map`` on this mesh: tokens split over its axes other than
-      ``vocab_axis`` (padded to a multiple of their size).
+      ``vocab_axis`` (padded to a multiple of their size). The outputs live on this mesh.
     vocab_axis: mesh axis over which the head's rows are split (V must divide evenly).
     **impl_options: forwarded to the implementation (e.g. ``token_block``, ``vocab_block`` for
       chunked; ``interpret=True`` for pallas on CPU).
 
   Returns:
-    fp32 log-probs [*b]; or, when ``return_entropy`` or ``return_lse``, a ``TokenLogprobs``.
+    ``TokenLogprobs(logp, entropy, lse)``, each fp32 [*b] and 0 on masked tokens.
   """
-  _check_head(hidden, lm_head, bias, hidden_name="hidden", head_name="lm_head", bias_name="bias")
+  lm_head, bias, softcap, logit_scale = _unpack_head(
+    head, name="head", bias=bias, softcap=softcap, logit_scale=logit_scale
+  )
+  _check_head(hidden, lm_head, bias, hidden_name="hidden", head_name="head", bias_name="bias")
   batch_shape = tuple(hidden.shape[:-1])
   _check_tokens("targets", targets, batch_shape, "hidden")
   _check_tokens("mask", mask, batch_shape, "hidden")
   if not jnp.issubdtype(targets.dtype, jnp.integer):
-    raise ValueError(f"targets must be an integer array, got dtype {targets.dtype}")
+    raise TypeError(f"targets must be an integer array, got dtype {targets.dtype}")
   _check_options(
     temperature=temperature, softcap=softcap, logit_scale=logit_scale, valid_vocab=valid_vocab,
     vocab_size=lm_head.shape[0], mask=mask,
@@ -338,21 +376,18 @@ def token_logprobs(
       x = jnp.where(mask, x, 0.0)
     return x.reshape(batch_shape)
 
-  logp = finish(stats.target_logit - stats.lse)
-  if not (return_entropy or return_lse):
-    return logp
   return TokenLogprobs(
-    logp,
-    finish(stats.lse - stats.expected_logit) if return_entropy else None,
-    finish(stats.lse) if return_lse else None,
+    finish(stats.target_logit - stats.lse),
+    finish(stats.lse - stats.expected_logit),
+    finish(stats.lse),
   )
 
 
 def token_kl(
   hidden_p: Float[Array, "*b d"],
-  head_p: Float[Array, "V d"],
+  head_p: LMHead | Float[Array, "V d"],
   hidden_q: Float[Array, "*b dq"],
-  head_q: Float[Array, "V dq"],
+  head_q: LMHead | Float[Array, "V dq"],
   *,
   mask: Bool[Array, "*b"] | None = None,
   bias_p: Float[Array, "V"] | None = None,
@@ -375,17 +410,30 @@ def token_kl(
 
   Args:
     hidden_p: policy hidden states [*b, d].
-    head_p: policy LM head [V, d].
+    head_p: policy LM head, an ``LMHead`` or a bare [V, d] matrix.
     hidden_q: reference-policy hidden states [*b, dq].
-    head_q: reference-policy LM head [V, dq].
+    head_q: reference-policy LM head, an ``LMHead`` or a bare [V, dq] matrix. Two ``LMHead``s must
+      share softcap and logit scale (one logit transform applies to both).
     mask: boolean [*b]; False tokens give 0 and zero gradient.
-    bias_p, bias_q: LM-head biases [V], optional.
+    bias_p, bias_q: LM-head biases [V], optional (bare-matrix heads only).
     temperature, softcap, logit_scale, valid_vocab, impl, mesh, vocab_axis, **impl_options: as in
       ``token_logprobs``.
 
   Returns:
     fp32 KL [*b].
   """
+  transforms = {name: (h.softcap, h.logit_scale) for name, h in (("head_p", head_p),
+                ("head_q", head_q)) if isinstance(h, LMHead)}
+  if len(set(transforms.values())) > 1:
+    raise ValueError(f"head_p and head_q use different (softcap, logit_scale): {transforms}")
+  # One logit transform serves both sides: an LMHead's own, or the keywords for bare matrices.
+  head_p, bias_p, softcap_p, scale_p = _unpack_head(
+    head_p, name="head_p", bias=bias_p, softcap=softcap, logit_scale=logit_scale
+  )
+  head_q, bias_q, softcap_q, scale_q = _unpack_head(
+    head_q, name="head_q", bias=bias_q, softcap=softcap, logit_scale=logit_scale
+  )
+  softcap, logit_scale = (softcap_p, scale_p) if "head_p" in transforms else (softcap_q, scale_q)
   _check_head(hidden_p, head_p, bias_p, hidden_name="hidden_p", head_name="head_p",
               bias_name="bias_p")
   _check_head(hidden_q, head_q, bias_q, hidden_name="hidden_q", head_name="head_q",

@@ -25,6 +25,20 @@ from jaxtyping import Array, Bool, Float, Int
 from alignax import _validate
 
 
+class LMHead(NamedTuple):
+  """The LM head as arrays: ``z = softcap · tanh((logit_scale · h Wᵀ + b) / softcap)``.
+
+  ``weight`` is ``[V, d]`` (the embedding matrix when embeddings are tied), ``bias`` ``[V]`` or None,
+  ``softcap`` None for no capping. A model's ``get_lm_head()`` returns one, and
+  ``alignax.token_logprobs`` / ``alignax.token_kl`` take it as their ``head`` argument.
+  """
+
+  weight: Float[Array, "V d"]
+  bias: Float[Array, " V"] | None = None
+  softcap: float | None = None
+  logit_scale: float = 1.0
+
+
 class VocabStats(NamedTuple):
   """Per-token statistics of softmax(z) over one vocabulary slice.
 

@@ -236,8 +236,7 @@ def test_token_logprobs_batched_masked_matches_numpy_and_slicing():
   hidden, targets = x["hidden"].reshape(2, 7, D), x["targets"].reshape(2, 7)
   mask = jnp.asarray(np.random.default_rng(0).random((2, 7)) > 0.4)
   hidden = jnp.where(mask[..., None], hidden, jnp.nan)  # masked rows must never be read
-  out = jax.jit(functools.partial(alignax.token_logprobs, return_entropy=True, return_lse=True,
-                                  impl="chunked", **BLOCKS))(hidden, x["weight"], targets,
+  out = jax.jit(functools.partial(alignax.token_logprobs, impl="chunked", **BLOCKS))(hidden, x["weight"], targets,
                                                              mask=mask, bias=x["bias"])
   assert isinstance(out, alignax.TokenLogprobs) and out.logp.shape == (2, 7)
   log_p = _numpy_log_softmax(_numpy_logits(x["hidden"], x["weight"], x["bias"]))
@@ -249,11 +248,11 @@ def test_token_logprobs_batched_masked_matches_numpy_and_slicing():
   assert np.all(np.asarray(out.lse)[~np.asarray(mask)] == 0)
 
   kept = api.token_logprobs(x["hidden"][flat_mask], x["weight"], x["targets"][flat_mask],
-                            bias=x["bias"], impl="chunked", **BLOCKS)
+                            bias=x["bias"], impl="chunked", **BLOCKS).logp
   _assert_close(out.logp[mask], kept, 1e-6)
 
   grad = jax.jit(jax.grad(lambda h: jnp.sum(api.token_logprobs(h, x["weight"], targets, mask=mask,
-                                                               impl="chunked", **BLOCKS))))(hidden)
+                                                               impl="chunked", **BLOCKS).logp)))(hidden)
   assert np.all(np.isfinite(grad))
   assert np.all(np.asarray(grad)[~np.asarray(mask)] == 0)
 
@@ -265,14 +264,15 @@ def test_api_implementations_agree_and_auto_is_chunked_on_cpu():
   targets = x["targets"] % 99
   ref = api.token_logprobs(x["hidden"], x["weight"], targets, impl="reference", **options)
   auto = api.token_logprobs(x["hidden"], x["weight"], targets, **options)
-  _assert_close(auto, ref, 1e-5)
+  for got, want in zip(auto, ref):
+    _assert_close(got, want, 1e-5)
 
 
 def test_api_dispatches_to_pallas_in_interpret_mode():
   x = _inputs(n=18, v=50)
   hidden, targets = x["hidden"].reshape(2, 9, D), x["targets"].reshape(2, 9)
   mask = jnp.arange(18).reshape(2, 9) % 3 != 0
-  options = dict(mask=mask, softcap=3.0, return_entropy=True)
+  options = dict(mask=mask, softcap=3.0)
 
   def loss(h, w, **k):
     out = api.token_logprobs(h, w, targets, **options, **k)
@@ -293,7 +293,7 @@ def test_fully_masked_rows_and_extreme_logits_stay_finite():
   for softcap in (None, 30.0):
     def loss(h, w, b):
       out = api.token_logprobs(h, w, x["targets"], mask=mask, bias=b, softcap=softcap,
-                               return_entropy=True, impl="chunked", token_block=4, vocab_block=16)
+                               impl="chunked", token_block=4, vocab_block=16)
       return jnp.sum(out.logp) + jnp.sum(out.entropy), out
 
     (value, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(
@@ -301,14 +301,14 @@ def test_fully_masked_rows_and_extreme_logits_stay_finite():
     )
     ref = jax.jit(functools.partial(api.token_logprobs, mask=mask, softcap=softcap,
                                     impl="reference"))(hidden, x["weight"], x["targets"],
-                                                       bias=x["bias"])
+                                                       bias=x["bias"]).logp
     assert np.isfinite(value) and all(np.all(np.isfinite(g)) for g in grads)
     _assert_close(out.logp, ref, 1e-5)
     assert np.all(np.asarray(out.logp)[~np.asarray(mask)] == 0)
 
   none = jnp.zeros((8,), bool)
   grads = jax.jit(jax.grad(lambda h, w: jnp.sum(api.token_logprobs(
-    h, w, x["targets"], mask=none, impl="chunked", token_block=4, vocab_block=16)), (0, 1)))(
+    h, w, x["targets"], mask=none, impl="chunked", token_block=4, vocab_block=16).logp), (0, 1)))(
     hidden, x["weight"]
   )
   assert all(np.all(np.asarray(g) == 0) for g in grads)
@@ -325,7 +325,7 @@ def test_out_of_range_targets_raise_eagerly_and_score_minus_lse_under_jit():
     call(h, w, targets, valid_vocab=11, mask=targets >= 0)
   call(h, w, targets, valid_vocab=11, mask=(targets >= 0) & (targets < 11))  # masked out: fine
   # Traced targets cannot be inspected: an out-of-range id keeps the documented logp = −lse.
-  out = jax.jit(functools.partial(call, return_lse=True))(h, w, targets)
+  out = jax.jit(call)(h, w, targets)
   np.testing.assert_allclose(out.logp[1, 2], -out.lse[1, 2], rtol=1e-6)
 
 
@@ -336,7 +336,7 @@ def test_no_tokens_give_empty_outputs_and_zero_gradients(impl):
   options = {"chunked": BLOCKS, "pallas": dict(interpret=True), "reference": {}}[impl]
 
   def loss(h, w):
-    out = api.token_logprobs(h, w, t, return_entropy=True, impl=impl, **options)
+    out = api.token_logprobs(h, w, t, impl=impl, **options)
     kl = api.token_kl(h, w, h, w, impl=impl, **options)
     return jnp.sum(out.logp) + jnp.sum(out.entropy) + jnp.sum(kl), (out, kl)
 
@@ -352,7 +352,7 @@ def test_tied_embeddings_gradient_flows_through_both_uses():
   def loss(impl, table):
     hidden = jnp.tanh(table[tokens])  # the same table embeds the inputs and scores the outputs
     return jnp.sum(api.token_logprobs(hidden, table, x["targets"], impl=impl, **(
-      BLOCKS if impl == "chunked" else {})))
+      BLOCKS if impl == "chunked" else {})).logp)
 
   table = x["weight"]
   _assert_close(jax.jit(jax.grad(functools.partial(loss, "chunked")))(table),
@@ -397,7 +397,7 @@ def test_tokens_sharded_over_data_axis_match_unsharded(mesh8):
   sharded = jax.device_put(x["hidden"], NamedSharding(mesh8, PartitionSpec("data", None)))
   targets = jax.device_put(x["targets"], NamedSharding(mesh8, PartitionSpec("data")))
   loss = lambda h, w, t, **k: jnp.sum(jnp.sin(api.token_logprobs(  # noqa: E731
-    h, w, t, impl="chunked", token_block=4, vocab_block=32, **k)))
+    h, w, t, impl="chunked", token_block=4, vocab_block=32, **k).logp))
   want, want_grads = jax.value_and_grad(loss, (0, 1))(x["hidden"], x["weight"], x["targets"])
   for kwargs in ({}, {"mesh": mesh8}):
     got, got_grads = jax.jit(jax.value_and_grad(functools.partial(loss, **kwargs), (0, 1)))(
@@ -417,7 +417,7 @@ def test_vocab_sharded_over_tensor_axis_matches_unsharded(valid_vocab):
   sharded = dict(mesh=mesh, vocab_axis="tensor", impl="chunked", token_block=4, vocab_block=16)
 
   def loss(h, w, b, **k):
-    out = api.token_logprobs(h, w, x["targets"] % 20, bias=b, return_entropy=True, **options, **k)
+    out = api.token_logprobs(h, w, x["targets"] % 20, bias=b, **options, **k)
     return jnp.sum(jnp.sin(out.logp) + out.entropy), out
 
   args = (x["hidden"], x["weight"], x["bias"])
@@ -436,7 +436,7 @@ def test_vocab_sharded_over_tensor_axis_matches_unsharded(valid_vocab):
     laid_out = (place(x["hidden"][:14], "data", None), place(x["weight"], "tensor", None),
                 place(x["bias"], "tensor"))
     plain = lambda h, w, b: jnp.sum(jnp.sin(api.token_logprobs(  # noqa: E731
-      h, w, x["targets"][:14], bias=b, impl="chunked", token_block=4, vocab_block=16)))
+      h, w, x["targets"][:14], bias=b, impl="chunked", token_block=4, vocab_block=16).logp))
     got, got_grads = jax.jit(jax.value_and_grad(plain, (0, 1, 2)))(*laid_out)
     assert got_grads[1].sharding.spec == PartitionSpec("tensor", None)
     want, want_grads = jax.value_and_grad(plain, (0, 1, 2))(x["hidden"][:14], *args[1:])
@@ -472,10 +472,8 @@ def test_bad_inputs_raise_naming_the_argument():
   h, w, t = x["hidden"], x["weight"], x["targets"]
   call = functools.partial(api.token_logprobs, impl="chunked")
   cases = [
-    (lambda: call(h, w[:, :3], t), "lm_head"),
+    (lambda: call(h, w[:, :3], t), "head must be"),
     (lambda: call(h, w, t[:4]), "targets"),
-    (lambda: call(h, w, t.astype(jnp.float32)), "targets must be an integer"),
-    (lambda: call(h, w, t, mask=jnp.ones(6)), "mask must be boolean"),
     (lambda: call(h, w, t, mask=jnp.ones(5, bool)), "mask"),
     (lambda: call(h, w, t, bias=x["bias"][:3]), "bias"),
     (lambda: call(h, w, t, impl="triton"), "impl"),
@@ -493,6 +491,12 @@ def test_bad_inputs_raise_naming_the_argument():
   ]
   for fn, message in cases:
     with pytest.raises(ValueError, match=message):
+      fn()
+  for fn, message in [
+    (lambda: call(h, w, t.astype(jnp.float32)), "targets must be an integer"),
+    (lambda: call(h, w, t, mask=jnp.ones(6)), "mask must be a boolean"),
+  ]:
+    with pytest.raises(TypeError, match=message):
       fn()
 
 
@@ -526,3 +530,30 @@ def test_chunked_bf16_needs_no_more_temporaries_than_fp32():
       args = (h, w, jax.ShapeDtypeStruct((n,), jnp.int32)) if "vocab" in name else (h, w, h, w)
       temp_bytes[dtype] = jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
     assert temp_bytes[jnp.bfloat16] <= temp_bytes[jnp.float32], (name, temp_bytes)
+
+
+def test_lm_head_tuple_equals_unpacked_keywords_and_rejects_duplicates():
+  x = _inputs(n=10, v=40)
+  head = alignax.LMHead(weight=x["weight"], bias=x["bias"], softcap=2.0, logit_scale=0.5)
+  via_head = api.token_logprobs(x["hidden"], head, x["targets"], impl="chunked", **BLOCKS)
+  via_keywords = api.token_logprobs(x["hidden"], x["weight"], x["targets"], bias=x["bias"],
+                                    softcap=2.0, logit_scale=0.5, impl="chunked", **BLOCKS)
+  for got, want in zip(via_head, via_keywords):
+    _assert_close(got, want, 0.0)
+  kl_head = api.token_kl(x["hidden"], head, x["hidden"][::-1], head, impl="chunked", **BLOCKS)
+  kl_keywords = api.token_kl(x["hidden"], x["weight"], x["hidden"][::-1], x["weight"],
+                             bias_p=x["bias"], bias_q=x["bias"], softcap=2.0, logit_scale=0.5,
+                             impl="chunked", **BLOCKS)
+  _assert_close(kl_head, kl_keywords, 0.0)
+  with pytest.raises(ValueError, match=r"head is an LMHead.*\['softcap'\]"):
+    api.token_logprobs(x["hidden"], head, x["targets"], softcap=2.0)
+  other = head._replace(softcap=3.0)
+  with pytest.raises(ValueError, match="different"):
+    api.token_kl(x["hidden"], head, x["hidden"], other)
+
+
+def test_auto_takes_pallas_only_on_validated_backends(monkeypatch):
+  assert api.PALLAS_VALIDATED_BACKENDS == frozenset()  # BUILD.md lists none validated yet
+  assert api.implementation("auto") is chunked
+  monkeypatch.setattr(api, "PALLAS_VALIDATED_BACKENDS", frozenset({jax.default_backend()}))
+  assert api.implementation("auto").__name__ == "alignax.kernels.pallas"

@@ -171,7 +171,7 @@ def test_sharded_tokens_and_vocabulary_in_interpret_mode():
   mask = jnp.arange(15) % 4 != 1
 
   def loss(h, w, b, **options):
-    out = token_logprobs(h, w, targets, mask=mask, bias=b, return_entropy=True, valid_vocab=40,
+    out = token_logprobs(h, w, targets, mask=mask, bias=b, valid_vocab=40,
                          softcap=5.0, **options)
     return jnp.sum(cotangent[0, :15] * out.logp + cotangent[1, :15] * out.entropy)
 
@@ -207,7 +207,7 @@ def test_token_logprobs_with_fully_masked_rows(key):
 
   def loss(impl, **options):
     def fn(h, w):
-      out = token_logprobs(h, w, targets, mask=mask, return_entropy=True, impl=impl, **options)
+      out = token_logprobs(h, w, targets, mask=mask, impl=impl, **options)
       return jnp.sum(cotangent[0] * out.logp + cotangent[1] * out.entropy), out
     return jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)
 
@@ -255,7 +255,7 @@ def test_kernels_lower_inside_shard_map(backend, platform, custom_call):
 
   def loss(h, w, y):
     out = token_logprobs(
-      h, w, y, return_entropy=True, impl="pallas", mesh=mesh, vocab_axis="tensor", backend=backend
+      h, w, y, impl="pallas", mesh=mesh, vocab_axis="tensor", backend=backend
     )
     return jnp.sum(out.logp) + jnp.sum(out.entropy)
 
