@@ -1,0 +1,290 @@
+"""grain pipelines from prepared examples to fixed-shape NumPy batches, with exact resume.
+
+``make_batches`` builds ``MapDataset.source(examples)[host slice].shuffle(seed).repeat(epochs)``,
+then packs (SFT, ``packing=True``) or pads each batch to a length bucket. Iterate it with
+``it = iter(batches)``; ``it.get_state()`` is a small JSON-serialisable dict and
+``it.set_state(state)`` on a fresh iterator continues with exactly the batches the uninterrupted
+iterator would have produced (grain's ``checkpoint.CheckpointSave`` stores it in an orbax
+checkpoint).
+
+Batch layouts (all ``int32`` unless noted; ``B`` = ``batch_size`` rows per host, ``T`` = the batch's
+length bucket):
+
+- ``sft``: ``input_ids``, ``attention_mask``, ``completion_mask`` ``[B, T]``, right-padded. Packed
+  (``packing=True``): ``[B, max_length]`` with ``segment_ids`` (1, 2, ... per example, 0 on
+  padding) and ``positions`` (restarting at 0 in every segment).
+- ``preference``: ``input_ids``, ``attention_mask``, ``completion_mask`` ``[2, B, T]``: index 0
+  holds the chosen sequences and index 1 the rejected ones, row ``b`` of both from the same pair;
+  ``margin [B]`` (float32) when the data has one. ``x.reshape(2 * B, T)`` is the concatenated
+  chosen-first ``[2B, T]`` layout of TRL's ``concatenated_forward``: one forward runs both.
+  Keeping the pair axis first means the batch axis (axis 1) is the one to shard, so every device
+  and host holds whole pairs and per-host batches concatenate along axis 1 into the global batch.
+- ``unpaired``: ``input_ids``, ``attention_mask``, ``completion_mask`` ``[B, T]``; ``label [B]``
+  (bool); ``kl_input_ids``, ``kl_attention_mask``, ``kl_completion_mask`` ``[B, T]``: row ``i``'s
+  prompt with row ``i - 1``'s completion, for KTO's KL reference point (unused by
+  ``apo_zero_unpaired``).
+- ``prompt``: ``input_ids``, ``attention_mask`` ``[B, T]``, **left**-padded so every prompt ends
+  at the last column, where generation starts; ``extras``: a dict of lists (the rows' columns,
+  ``prompt`` included) for reward functions.
+"""
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from alignax import _validate
+from alignax.data.config import DataConfig
+from alignax.data.formats import Example, PreparedDataset, truncate
+
+
+def bucket_length(
+  length: int,
+  *,
+  max_length: int | None = None,
+  pad_to_multiple_of: int | None = None,
+  padding_buckets: str = "pow2",
+) -> int:
+  """The padded length of a batch whose longest sequence has ``length`` tokens.
+
+  ``pad_to_multiple_of=m`` rounds up to a multiple of ``m``; otherwise ``pow2`` rounds up to a
+  power of two and ``max_length`` always gives ``max_length``. Buckets are capped at
+  ``max_length``, so a jitted step sees at most ``log2(max_length) + 1`` shapes under ``pow2``.
+
+  Args:
+    length: tokens in the longest sequence of the batch (``1 <= length <= max_length``).
+    max_length: the cap (None: no cap).
+    pad_to_multiple_of: bucket width; overrides ``padding_buckets``.
+    padding_buckets: ``pow2`` | ``max_length``.
+
+  Returns:
+    The bucket length, ``>= length``.
+  """
+  _validate.positive_int("length", length)
+  if max_length is not None and length > max_length:
+    raise ValueError(f"length={length} exceeds max_length={max_length}")
+  if pad_to_multiple_of is not None:
+    _validate.positive_int("pad_to_multiple_of", pad_to_multiple_of)
+    bucket = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+  elif padding_buckets == "max_length":
+    if max_length is None:
+      raise ValueError("padding_buckets='max_length' needs max_length")
+    bucket = max_length
+  elif padding_buckets == "pow2":
+    bucket = 1 << (length - 1).bit_length()
+  else:
+    raise ValueError(f"padding_buckets must be 'pow2' or 'max_length', got {padding_buckets!r}")
+  return bucket if max_length is None else min(bucket, max_length)
+
+
+def _pad(sequences: Sequence[np.ndarray], length: int, value: int, *, left: bool = False):
+  out = np.full((len(sequences), length), value, dtype=np.int32)
+  for i, seq in enumerate(sequences):
+    if left:
+      out[i, length - len(seq) :] = seq
+    else:
+      out[i, : len(seq)] = seq
+  return out
+
+
+def _bucket(config: DataConfig, longest: int, max_length: int | None) -> int:
+  return bucket_length(
+    longest,
+    max_length=max_length,
+    pad_to_multiple_of=config.pad_to_multiple_of,
+    padding_buckets=config.padding_buckets,
+  )
+
+
+def kl_examples(examples: Sequence[Example], *, config: DataConfig) -> list[Example]:
+  """KTO's mismatched pairs: example ``i``'s prompt with example ``i - 1``'s completion (cyclic),
+  the batch-level rotation TRL's ``KTOTrainer`` uses to estimate the KL reference point.
+
+  The split between prompt and completion is read from the completion mask (the prompt is the
+  leading zeros), and the new sequence is truncated to ``max_length`` like any other.
+  """
+  parts = []
+  for e in examples:
+    n_prompt = int(np.argmax(e["completion_mask"])) if e["completion_mask"].any() else 0
+    parts.append((e["input_ids"][:n_prompt].tolist(), e["input_ids"][n_prompt:].tolist()))
+  out = []
+  for i, (prompt, _) in enumerate(parts):
+    completion = parts[i - 1][1]
+    ids = prompt + completion
+    mask = [0] * len(prompt) + [1] * len(completion)
+    ids, mask = truncate(
+      ids, mask, max_length=config.max_length, truncation_mode=config.truncation_mode
+    )
+    out.append(
+      {"input_ids": np.asarray(ids, np.int32), "completion_mask": np.asarray(mask, np.int32)}
+    )
+  return out
+
+
+def collate_sequences(
+  examples: Sequence[Example], *, pad_token_id: int, config: DataConfig
+) -> dict[str, np.ndarray]:
+  """SFT / unpaired examples to right-padded ``[B, T]`` arrays. Unpaired (KTO) examples add
+  ``label [B]`` and the mismatched KL rows ``kl_input_ids``, ``kl_attention_mask``,
+  ``kl_completion_mask`` ``[B, T]`` (see :func:`kl_examples`), padded to the same ``T``."""
+  unpaired = "label" in examples[0]
+  kl = kl_examples(examples, config=config) if unpaired else []
+  seqs = [e["input_ids"] for e in [*examples, *kl]]
+  length = _bucket(config, max(len(s) for s in seqs), config.max_length)
+  batch = {}
+  for prefix, group in (("", examples), ("kl_", kl)):
+    if group:
+      ids = [e["input_ids"] for e in group]
+      batch[f"{prefix}input_ids"] = _pad(ids, length, pad_token_id)
+      batch[f"{prefix}attention_mask"] = _pad([np.ones_like(s) for s in ids], length, 0)
+      batch[f"{prefix}completion_mask"] = _pad([e["completion_mask"] for e in group], length, 0)
+  if unpaired:
+    batch["label"] = np.asarray([e["label"] for e in examples], dtype=np.bool_)
+  return batch
+
+
+def collate_preference(
+  examples: Sequence[Example], *, pad_token_id: int, config: DataConfig
+) -> dict[str, np.ndarray]:
+  """Preference pairs to ``[2, B, T]`` arrays, chosen at index 0 (``margin [B]`` when present)."""
+  seqs = [e[f"{side}_input_ids"] for side in ("chosen", "rejected") for e in examples]
+  masks = [e[f"{side}_completion_mask"] for side in ("chosen", "rejected") for e in examples]
+  length = _bucket(config, max(len(s) for s in seqs), config.max_length)
+  shape = (2, len(examples), length)
+  batch = {
+    "input_ids": _pad(seqs, length, pad_token_id).reshape(shape),
+    "attention_mask": _pad([np.ones_like(s) for s in seqs], length, 0).reshape(shape),
+    "completion_mask": _pad(masks, length, 0).reshape(shape),
+  }
+  if "margin" in examples[0]:
+    batch["margin"] = np.asarray([e["margin"] for e in examples], dtype=np.float32)
+  return batch
+
+
+def collate_prompts(
+  examples: Sequence[Example], *, pad_token_id: int, config: DataConfig
+) -> dict[str, Any]:
+  """Prompts to left-padded ``[B, T]`` arrays plus ``extras`` (a dict of per-row lists)."""
+  seqs = [e["prompt_ids"] for e in examples]
+  length = _bucket(config, max(len(s) for s in seqs), config.max_prompt_length)
+  keys = list(dict.fromkeys(k for e in examples for k in e["extras"]))
+  return {
+    "input_ids": _pad(seqs, length, pad_token_id, left=True),
+    "attention_mask": _pad([np.ones_like(s) for s in seqs], length, 0, left=True),
+    "extras": {k: [e["extras"].get(k) for e in examples] for k in keys},
+  }
+
+
+def collate_packed(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Packed rows (grain's ``FirstFitPackIterDataset`` output) to ``[B, max_length]`` arrays."""
+  segment_ids = np.stack([r["input_ids_segment_ids"] for r in rows]).astype(np.int32)
+  return {
+    "input_ids": np.stack([r["input_ids"] for r in rows]).astype(np.int32),
+    "attention_mask": (segment_ids > 0).astype(np.int32),
+    "completion_mask": np.stack([r["completion_mask"] for r in rows]).astype(np.int32),
+    "segment_ids": segment_ids,
+    "positions": np.stack([r["input_ids_positions"] for r in rows]).astype(np.int32),
+  }
+
+
+def host_slice(num_examples: int, *, process_index: int, process_count: int) -> slice:
+  """This host's share: every ``process_count``-th example from ``process_index``, after dropping
+  the ``num_examples % process_count`` last ones so every host gets as many (and so as many
+  batches, keeping multi-host steps in lockstep)."""
+  _validate.positive_int("process_count", process_count)
+  if isinstance(process_index, bool) or not isinstance(process_index, int):
+    raise ValueError(f"process_index must be an int, got {process_index!r}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(
+      f"process_index={process_index} must lie in [0, process_count={process_count})"
+    )
+  even = num_examples - num_examples % process_count
+  if even == 0:
+    raise ValueError(f"{num_examples} examples cannot be shared among {process_count} hosts")
+  return slice(process_index, even, process_count)
+
+
+def steps_per_epoch(
+  num_examples: int, *, batch_size: int, process_count: int = 1, drop_last: bool = True
+) -> int:
+  """Batches per host per epoch without packing (with packing it depends on the lengths)."""
+  per_host = num_examples // process_count
+  return per_host // batch_size if drop_last else -(-per_host // batch_size)
+
+
+def make_batches(
+  dataset: PreparedDataset,
+  *,
+  batch_size: int,
+  config: DataConfig,
+  num_epochs: int | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  prefetch_batches: int = 0,
+) -> grain.IterDataset:
+  """A grain dataset of batches (layouts in the module docstring) for one host.
+
+  Args:
+    dataset: from :func:`alignax.data.prepare_dataset`.
+    batch_size: rows per batch on this host (the global batch is ``batch_size * process_count``);
+      packed SFT rows count as rows.
+    config: ``seed``, ``shuffle``, ``packing``, ``packing_bins``, padding buckets,
+      ``dataloader_drop_last``.
+    num_epochs: passes over the data; None repeats forever (stop at ``max_steps``). Each epoch is
+      shuffled anew; a batch may straddle two epochs.
+    process_index: this host (``jax.process_index()``).
+    process_count: hosts (``jax.process_count()``). Every host gets as many examples; packed
+      rows per host still differ, so multi-host packed runs stop at ``max_steps`` (``num_epochs``
+      None) rather than at the end of the data.
+    prefetch_batches: batches prepared ahead on a background thread (0: none); the iterator state
+      still counts only the batches consumed, so resume stays exact.
+
+  Returns:
+    ``grain.IterDataset``; ``iter()`` it for a checkpointable iterator.
+  """
+  _validate.positive_int("batch_size", batch_size)
+  if num_epochs is not None:
+    _validate.positive_int("num_epochs", num_epochs)
+  if config.packing and dataset.task != "sft":
+    raise ValueError(f"packing applies to SFT data only, not to {dataset.task!r}")
+  ds = grain.MapDataset.source(dataset.examples)
+  ds = ds[host_slice(len(ds), process_index=process_index, process_count=process_count)]
+  if config.shuffle:
+    ds = ds.shuffle(seed=config.seed)
+  ds = ds.repeat(num_epochs)
+  drop = config.dataloader_drop_last
+  if config.packing:
+    length = config.max_length
+    features = ds.map(
+      lambda e: {"input_ids": e["input_ids"], "completion_mask": e["completion_mask"]}
+    )
+    packed = grain.experimental.FirstFitPackIterDataset(
+      features.to_iter_dataset(),
+      length_struct={"input_ids": length, "completion_mask": length},
+      num_packing_bins=config.packing_bins or batch_size,
+      shuffle_bins=False,  # the examples are shuffled already; bins stay in a reproducible order
+    )
+    batches = packed.batch(batch_size, drop_remainder=drop, batch_fn=collate_packed)
+    return _prefetch(batches, prefetch_batches)
+  collate = {
+    "sft": collate_sequences,
+    "unpaired": collate_sequences,
+    "preference": collate_preference,
+    "prompt": collate_prompts,
+  }[dataset.task]
+  batch_fn = functools.partial(collate, pad_token_id=dataset.pad_token_id, config=config)
+  batches = ds.batch(batch_size, drop_remainder=drop, batch_fn=batch_fn).to_iter_dataset()
+  return _prefetch(batches, prefetch_batches)
+
+
+def _prefetch(batches: grain.IterDataset, prefetch_batches: int) -> grain.IterDataset:
+  if isinstance(prefetch_batches, bool) or not isinstance(prefetch_batches, int):
+    raise ValueError(f"prefetch_batches must be an int >= 0, got {prefetch_batches!r}")
+  _validate.non_negative("prefetch_batches", prefetch_batches)
+  if prefetch_batches == 0:
+    return batches
+  return grain.experimental.ThreadPrefetchIterDataset(
+    batches, prefetch_buffer_size=prefetch_batches
+  )
