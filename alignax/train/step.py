@@ -1,0 +1,126 @@
+r"""The pure training step every trainer shares: ``step(state, batch) -> (state, metrics)``.
+
+An algorithm supplies an :class:`Objective`: a loss of the trainable parameters on one micro-batch and
+the micro-batch's *weight*, the count its loss is a mean over (completion tokens for a token-mean
+loss, sequences or pairs for a per-example mean). With gradient accumulation over micro-batches
+:math:`b_1..b_k` of weights :math:`w_i` the step minimises
+
+.. math:: \mathcal{L} = \sum_i \frac{w_i}{\sum_j w_j}\,\mathcal{L}(b_i),
+
+which is exactly the loss of the whole batch: a token-mean over micro-batches with different token
+counts is the global token mean, not the mean of micro-batch means (the gradient-accumulation bug TRL
+and verl both had, see ``/work/shared/reference/torch_peers.md`` §8.3). Gradients are summed in fp32
+in a ``lax.scan``, clipped and applied once per step.
+
+The step also returns ``grad_norm`` (before clipping), ``learning_rate`` and ``loss``, and the
+objective's metrics averaged with the same weights: a metric that is a mean over the loss's unit
+(a token-mean log-prob, a pair-mean accuracy) comes out as its mean over the whole batch. Counts
+(``num_tokens``) are not means; the host loop takes them from the batch itself.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from alignax.train.optim import global_norm
+
+Metrics = dict[str, jax.Array]
+
+
+class Objective(NamedTuple):
+  """What an algorithm contributes to the step.
+
+  Attributes:
+    loss: ``(params, micro_batch, key) -> (scalar loss, metrics)``; ``params`` is the trainable
+      pytree; metrics are scalars.
+    weight: ``micro_batch -> scalar``, the count the loss averages over (it depends on the batch
+      only, so it is known before any forward pass).
+  """
+
+  loss: Callable[[Any, Any, jax.Array], tuple[jax.Array, Metrics]]
+  weight: Callable[[Any], jax.Array]
+
+
+class TrainState(NamedTuple):
+  """The trainable parameters, the optimizer state, the step count and the RNG key (as key data)."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation, *, seed: int = 0
+               ) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                    rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def split_micro_batches(batch: Any, accumulation_steps: int) -> Any:
+  """``[B, ...] -> [k, B/k, ...]`` for every array of the batch pytree (named error if B % k)."""
+  def split(x):
+    if x.shape[0] % accumulation_steps:
+      raise ValueError(f"batch dimension {x.shape[0]} is not divisible by "
+                       f"gradient_accumulation_steps={accumulation_steps}")
+    return x.reshape(accumulation_steps, x.shape[0] // accumulation_steps, *x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(objective: Objective, optimizer: optax.GradientTransformation, *,
+                    schedule: optax.Schedule | None = None
+                    ) -> Callable[[TrainState, Any], tuple[TrainState, Metrics]]:
+  """Builds ``step(state, batch)`` for a batch laid out ``[k micro-batches, micro-batch, ...]``.
+
+  Args:
+    objective: the algorithm's loss and micro-batch weight.
+    optimizer: e.g. from ``alignax.train.optim.make_optimizer``.
+    schedule: the learning-rate schedule, to log ``learning_rate``.
+
+  Returns:
+    A pure function to ``jax.jit`` (with the state donated).
+  """
+  grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+
+  def step(state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+    weights = jax.vmap(objective.weight)(batch).astype(jnp.float32)
+    total = jnp.sum(weights)
+    # An empty batch (no loss token at all) takes no step rather than dividing 0 by 0.
+    shares = weights / jnp.where(total > 0, total, 1.0)
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    keys = jax.random.split(key, weights.shape[0])
+
+    def micro(grads, xs):
+      micro_batch, share, micro_key = xs
+      (loss, metrics), g = grad_fn(state.params, micro_batch, micro_key)
+      grads = jax.tree.map(lambda acc, gi: acc + share * gi.astype(jnp.float32), grads, g)
+      return grads, (loss, metrics)
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    grads, (losses, metrics) = jax.lax.scan(micro, zeros, (batch, shares, keys))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    out = {name: jnp.sum(shares * value) for name, value in metrics.items()}
+    out["loss"] = jnp.sum(shares * losses)
+    out["grad_norm"] = global_norm(grads)
+    if schedule is not None:
+      out["learning_rate"] = schedule(state.step)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
+    return new_state, out
+
+  return step
+
+
+class NonFiniteError(FloatingPointError):
+  """A loss or gradient became NaN/Inf; the run stops and its last good checkpoint stays."""
+
+
+def check_finite(step: int, metrics: dict[str, float]) -> None:
+  """Raises ``NonFiniteError`` naming the step and the first non-finite metric."""
+  for name, value in metrics.items():
+    if not jnp.isfinite(value):
+      raise NonFiniteError(f"step {step}: {name} = {value}; stopping (the last checkpoint before "
+                           "this step is intact)")
