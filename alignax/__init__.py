@@ -1,92 +1,69 @@
 """alignax: JAX-native alignment for language models.
 
 ``import alignax as ax`` gives the whole public API: losses, advantages, KL estimators, reductions,
-fused log-prob kernels and models.
+fused log-prob kernels and models. The names are resolved lazily (PEP 562 module ``__getattr__``):
+``import alignax`` and the pure layer-1 modules (``alignax.losses``, ``alignax.aggregation``,
+``alignax.kl``, ``alignax.advantages``) import neither flax, transformers nor tokenizers; the first
+use of a model name (``ax.CausalLM``, say) imports ``alignax.models``.
 """
+
+import importlib
+from typing import Any
+
+from alignax import _hf_logging
 
 __version__ = "0.1.0"
 
-# --- layer 1a: reductions, KL, advantages, policy-gradient losses ------------------------------
-from alignax.aggregation import AGG_MODES as AGG_MODES
-from alignax.aggregation import AggMode as AggMode
-from alignax.aggregation import aggregate as aggregate
-from alignax.aggregation import last_valid_token as last_valid_token
-from alignax.aggregation import masked_count as masked_count
-from alignax.aggregation import masked_mean as masked_mean
-from alignax.aggregation import masked_sum as masked_sum
-from alignax.aggregation import masked_var as masked_var
-from alignax.aggregation import masked_whiten as masked_whiten
-from alignax.kl import KL_ESTIMATORS as KL_ESTIMATORS
-from alignax.kl import KLController as KLController
-from alignax.kl import KLControllerState as KLControllerState
-from alignax.kl import KLEstimator as KLEstimator
-from alignax.kl import adaptive_kl_controller as adaptive_kl_controller
-from alignax.kl import categorical_kl as categorical_kl
-from alignax.kl import fixed_kl_controller as fixed_kl_controller
-from alignax.kl import kl_estimate as kl_estimate
-from alignax.kl import kl_penalized_rewards as kl_penalized_rewards
-from alignax.advantages import GROUP_SCALES as GROUP_SCALES
-from alignax.advantages import GroupScale as GroupScale
-from alignax.advantages import gae as gae
-from alignax.advantages import group_advantages as group_advantages
-from alignax.advantages import informative_group_mask as informative_group_mask
-from alignax.advantages import reinforce_pp_advantages as reinforce_pp_advantages
-from alignax.advantages import select_informative_groups as select_informative_groups
-from alignax.advantages import whiten as whiten
-from alignax.losses.policy import IMPORTANCE_LEVELS as IMPORTANCE_LEVELS
-from alignax.losses.policy import POLICY_LOSS_TYPES as POLICY_LOSS_TYPES
-from alignax.losses.policy import ClipStats as ClipStats
-from alignax.losses.policy import ImportanceLevel as ImportanceLevel
-from alignax.losses.policy import PolicyLossType as PolicyLossType
-from alignax.losses.policy import cispo_loss as cispo_loss
-from alignax.losses.policy import clipped_surrogate as clipped_surrogate
-from alignax.losses.policy import clipped_value_loss as clipped_value_loss
-from alignax.losses.policy import dapo_loss as dapo_loss
-from alignax.losses.policy import dr_grpo_loss as dr_grpo_loss
-from alignax.losses.policy import grpo_loss as grpo_loss
-from alignax.losses.policy import gspo_loss as gspo_loss
-from alignax.losses.policy import ppo_loss as ppo_loss
-# --- end layer 1a -------------------------------------------------------------------------------
+# Before any alignax module imports transformers: drop its "PyTorch was not found" advice, which
+# does not apply to alignax's models (they need no torch). Imports only `logging`.
+_hf_logging.install()
 
-# --- layer 1b: supervised, reward-model and direct-preference losses ---------------------------
-from alignax.losses.supervised import sequence_logprobs as sequence_logprobs
-from alignax.losses.supervised import sft_loss as sft_loss
-from alignax.losses.reward import bradley_terry_loss as bradley_terry_loss
-from alignax.losses.preference import DPO_LOSS_TYPES as DPO_LOSS_TYPES
-from alignax.losses.preference import DpoLossType as DpoLossType
-from alignax.losses.preference import cpo_loss as cpo_loss
-from alignax.losses.preference import dpo_loss as dpo_loss
-from alignax.losses.preference import kto_loss as kto_loss
-from alignax.losses.preference import kto_reference_point as kto_reference_point
-from alignax.losses.preference import orpo_loss as orpo_loss
-from alignax.losses.preference import simpo_loss as simpo_loss
-# --- end layer 1b -------------------------------------------------------------------------------
+# public name -> module that defines it, by layer.
+_EXPORTS: dict[str, str] = {}
 
-# --- layer 0: fused LM-head kernels ------------------------------------------------------------
-from alignax.kernels import KLStats as KLStats
-from alignax.kernels import TokenLogprobs as TokenLogprobs
-from alignax.kernels import VocabStats as VocabStats
-from alignax.kernels import token_kl as token_kl
-from alignax.kernels import token_logprobs as token_logprobs
-# --- end layer 0 --------------------------------------------------------------------------------
 
-# --- layer 2: models ---------------------------------------------------------------------------
-from alignax.models import CausalLM as CausalLM
-from alignax.models import DecoderConfig as DecoderConfig
-from alignax.models import LMHead as LMHead
-from alignax.models import RewardModel as RewardModel
-from alignax.models import ValueModel as ValueModel
-from alignax.models import from_pretrained as from_pretrained
-from alignax.models import save_pretrained as save_pretrained
-from alignax.models import LoRAConfig as LoRAConfig
-from alignax.models import LoRAParam as LoRAParam
-from alignax.models import apply_lora as apply_lora
-from alignax.models import load_lora as load_lora
-from alignax.models import lora_disabled as lora_disabled
-from alignax.models import merge_lora as merge_lora
-from alignax.models import save_lora as save_lora
-from alignax.models import unmerge_lora as unmerge_lora
-from alignax.models import apply_chat_template as apply_chat_template
-from alignax.models import build_tiny_tokenizer as build_tiny_tokenizer
-from alignax.models import load_tokenizer as load_tokenizer
-# --- end layer 2 --------------------------------------------------------------------------------
+def _export(module: str, *names: str) -> None:
+  for name in names:
+    _EXPORTS[name] = module
+
+
+# --- layer 1a: reductions, KL, advantages, policy-gradient losses
+_export("alignax.aggregation", "AGG_MODES", "AggMode", "aggregate", "last_valid_token",
+        "masked_count", "masked_mean", "masked_sum", "masked_var", "masked_whiten")
+_export("alignax.kl", "KL_ESTIMATORS", "KLController", "KLControllerState", "KLEstimator",
+        "adaptive_kl_controller", "categorical_kl", "fixed_kl_controller", "kl_estimate",
+        "kl_penalized_rewards")
+_export("alignax.advantages", "GROUP_SCALES", "GroupScale", "gae", "group_advantages",
+        "informative_group_mask", "reinforce_pp_advantages", "select_informative_groups")
+_export("alignax.losses.policy", "IMPORTANCE_LEVELS", "POLICY_LOSS_TYPES", "ClipStats",
+        "ImportanceLevel", "PolicyLossType", "cispo_loss", "clipped_surrogate",
+        "clipped_value_loss", "dapo_loss", "dr_grpo_loss", "grpo_loss", "gspo_loss", "ppo_loss")
+# --- layer 1b: supervised, reward-model and direct-preference losses
+_export("alignax.losses.supervised", "next_token_targets", "sequence_logprobs", "sft_loss")
+_export("alignax.losses.reward", "bradley_terry_loss")
+_export("alignax.losses.preference", "DPO_LOSS_TYPES", "DpoLossType", "cpo_loss", "dpo_loss",
+        "kto_loss", "kto_reference_point", "orpo_loss", "simpo_loss")
+# --- layer 0: fused LM-head kernels
+_export("alignax.kernels", "KLStats", "LMHead", "TokenLogprobs", "VocabStats", "token_kl",
+        "token_logprobs")
+# --- layer 2: models
+_export("alignax.models", "CausalLM", "DecoderConfig", "RewardModel", "ValueModel",
+        "from_pretrained", "save_pretrained", "LoRAConfig", "LoRAParam", "apply_lora", "load_lora",
+        "lora_disabled", "merge_lora", "save_lora", "apply_chat_template", "build_tiny_tokenizer",
+        "load_tokenizer")
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+  module = _EXPORTS.get(name)
+  if module is None:
+    raise AttributeError(f"module 'alignax' has no attribute {name!r}")
+  value = getattr(importlib.import_module(module), name)
+  globals()[name] = value  # resolve once; later lookups skip __getattr__
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_EXPORTS))
+

@@ -1,9 +1,23 @@
 """Argument checks shared by the pure functions. All run at trace time on static shapes and Python
-hyper-parameters, so a bad call fails before any compute with a message that names the argument."""
+hyper-parameters, so a bad call fails before any compute with a message that names the argument.
+
+Hyper-parameters may be Python numbers, concrete scalar arrays, or tracers (an adaptive KL
+coefficient inside ``jit``, a ``vmap`` over a sweep of ``beta``). ``static_value`` is the one rule
+for telling them apart: every range check (``positive``, ``non_negative``, ``in_unit_interval``)
+checks a value whenever it is known at trace time and skips it only when it is a tracer.
+
+Masks: a *loss mask* (which tokens or examples count) must be boolean (``bool_mask``, TypeError
+otherwise); an *attention mask* (which tokens are real, as a tokenizer returns it) may be boolean or
+0/1 integers (``attention_mask``).
+"""
 
 from collections.abc import Collection, Mapping
 from numbers import Real
 from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 def choice(name: str, value: Any, options: Collection[Any]) -> None:
@@ -12,12 +26,29 @@ def choice(name: str, value: Any, options: Collection[Any]) -> None:
     raise ValueError(f"{name}={value!r} is not supported; choose one of {sorted(map(str, options))}")
 
 
-def non_negative(name: str, value: Real | None) -> None:
+def static_value(name: str, value: Real | Any | None) -> float | None:
+  """A scalar hyper-parameter's Python value, or None when it is ``None`` or a tracer.
+
+  Raises ValueError naming ``name`` when ``value`` is concrete but not a scalar (an array of shape
+  ``[2]`` passed as ``beta``, say).
+  """
+  if value is None or isinstance(value, jax.core.Tracer):
+    return None
+  if np.ndim(value) != 0:
+    raise ValueError(f"{name} must be a scalar, got shape {list(np.shape(value))}")
+  return float(value)
+
+
+def non_negative(name: str, value: Real | Any | None) -> None:
+  """Raises ValueError unless ``value`` is >= 0 (skipped for None and for a traced value)."""
+  value = static_value(name, value)
   if value is not None and not value >= 0:  # also rejects NaN
     raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
-def positive(name: str, value: Real | None) -> None:
+def positive(name: str, value: Real | Any | None) -> None:
+  """Raises ValueError unless ``value`` is > 0 (skipped for None and for a traced value)."""
+  value = static_value(name, value)
   if value is not None and not value > 0:
     raise ValueError(f"{name} must be > 0, got {value!r}")
 
@@ -28,7 +59,10 @@ def positive_int(name: str, value: Any) -> None:
     raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def in_unit_interval(name: str, value: Real, *, closed_right: bool = False) -> None:
+def in_unit_interval(name: str, value: Real | Any, *, closed_right: bool = False) -> None:
+  value = static_value(name, value)
+  if value is None:
+    return
   ok = 0 <= value <= 1 if closed_right else 0 <= value < 1
   if not ok:
     right = "]" if closed_right else ")"
@@ -49,13 +83,44 @@ def min_rank(name: str, x: Any, rank: int, dims: str) -> None:
     raise ValueError(f"{name} must have at least {rank} dims {dims}, got shape {list(x.shape)}")
 
 
-def static_or_none(value: Any) -> float | None:
-  """A hyper-parameter's Python value when it is known at trace time, else None (a traced array).
+def bool_mask(name: str, mask: Any) -> jax.Array:
+  """``mask`` as an array; raises TypeError naming ``name`` unless it is boolean (a loss mask)."""
+  mask = jnp.asarray(mask)
+  if mask.dtype != jnp.bool_:
+    raise TypeError(f"{name} must be a boolean array (True on entries that count), got dtype "
+                    f"{mask.dtype}; convert a 0/1 mask with `{name}.astype(bool)`")
+  return mask
 
-  Lets a check such as ``non_negative("beta", static_or_none(beta))`` reject a bad constant while
-  still accepting a coefficient that is itself a jitted array (an adaptive KL coefficient, say).
+
+def attention_mask(name: str, mask: Any) -> jax.Array:
+  """An attention-style mask (boolean, or 0/1 integers as tokenizers return) as a boolean array.
+
+  Raises TypeError naming ``name`` for any other dtype (floats, say).
   """
-  try:
-    return float(value)
-  except TypeError:  # a tracer (ConcretizationTypeError subclasses TypeError), or not a scalar
-    return None
+  mask = jnp.asarray(mask)
+  if mask.dtype == jnp.bool_:
+    return mask
+  if not jnp.issubdtype(mask.dtype, jnp.integer):
+    raise TypeError(f"{name} must be a boolean or 0/1 integer array, got dtype {mask.dtype}")
+  return mask != 0
+
+
+def integer_array(name: str, x: Any) -> jax.Array:
+  """``x`` as an array; raises TypeError naming ``name`` unless its dtype is an integer type."""
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{name} must be an integer array (token ids), got dtype {x.dtype}")
+  return x
+
+
+def scalar_or_shape(name: str, x: Any, shape: tuple[int, ...], what: str) -> jax.Array:
+  """``x`` as an array that is either a scalar or has exactly ``shape``; ValueError otherwise.
+
+  For optional per-example arguments (a margin, say): broadcasting ``[B, 1]`` against ``[B]`` would
+  silently build a ``[B, B]`` loss, so only a scalar or the exact shape is accepted.
+  """
+  x = jnp.asarray(x)
+  if x.ndim and x.shape != tuple(shape):
+    raise ValueError(f"{name} must be a scalar or have the shape of {what}, {list(shape)}; got "
+                     f"{list(x.shape)}")
+  return x

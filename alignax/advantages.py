@@ -1,5 +1,7 @@
 r"""Advantage estimators: GAE for critics, group baselines for GRPO-style methods, REINFORCE++.
 
+Batch whitening of advantages is ``alignax.masked_whiten`` (its ``mask`` may be ``None``).
+
 Per-token quantities are ``[*b, T]`` with a boolean ``mask`` (time is the last axis); group
 quantities are ``[*p, G]`` with the group (completions of one prompt) last, so that sharding the
 prompt axis keeps every group's statistics on one device.
@@ -49,9 +51,8 @@ def gae(rewards: Float[ArrayLike, "*b T"], values: Float[ArrayLike, "*b T"],
   _validate.in_unit_interval("lambda_", lambda_, closed_right=True)
   rewards, values, mask = jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask)
   _validate.min_rank("rewards", rewards, 1, "[*b, T]")
+  _validate.bool_mask("mask", mask)
   _validate.same_shape({"rewards": rewards, "values": values, "mask": mask})
-  if mask.dtype != jnp.bool_:
-    raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
   dtype = jnp.result_type(rewards, values)
   if bootstrap_value is None:
     bootstrap_value = jnp.zeros(mask.shape[:-1], dtype)
@@ -95,8 +96,11 @@ def group_advantages(rewards: Float[ArrayLike, "*p G"], *, scale: GroupScale = "
 
   * ``"group"``: the group's reward std + ``eps`` (GRPO; TRL ``scale_rewards="group"``, verl
     ``norm_adv_by_std_in_grpo``);
-  * ``"batch"``: the std of :math:`R - b` over the whole batch + ``eps`` (REINFORCE++-baseline,
-    Hu 2025; TRL's ``scale_rewards="batch"`` divides by the batch std of the rewards instead);
+  * ``"batch"``: the std of the rewards :math:`R` over the whole batch + ``eps``: group mean, batch
+    std, TRL's ``scale_rewards="batch"`` (the "Lite PPO" normalisation of Liu et al. 2025, "Tricks
+    or Traps? A Deep Dive into RL for LLM Reasoning"). This is not REINFORCE++-baseline, which
+    whitens the group-centred scores over every token of the batch:
+    ``reinforce_pp_advantages(group_advantages(scores, scale="none"), mask)``;
   * ``"none"``: 1 (Dr. GRPO, Liu et al. 2025, which drops the std to remove the difficulty bias;
     RLOO).
 
@@ -114,7 +118,7 @@ def group_advantages(rewards: Float[ArrayLike, "*p G"], *, scale: GroupScale = "
     Advantages ``[*p, G]``; broadcast over tokens with ``advantages[..., None]``.
   """
   _validate.choice("scale", scale, GROUP_SCALES)
-  _validate.non_negative("ddof", float(ddof))
+  _validate.non_negative("ddof", ddof)
   _validate.positive("eps", eps)
   rewards = jnp.asarray(rewards)
   _validate.min_rank("rewards", rewards, 1, "[*p, G]")
@@ -132,7 +136,7 @@ def group_advantages(rewards: Float[ArrayLike, "*p G"], *, scale: GroupScale = "
   if scale == "group":
     std = _std(rewards, axis=-1, ddof=ddof)
   else:
-    std = _std(centred, axis=None, ddof=ddof)
+    std = _std(rewards, axis=None, ddof=ddof)
   return centred / (std + eps)
 
 
@@ -185,28 +189,6 @@ def select_informative_groups(rewards: Float[ArrayLike, "P G"], *, k: int) -> In
   return jnp.argsort(uninformative, stable=True)[:k].astype(jnp.int32)
 
 
-def whiten(x: Float[ArrayLike, "*s"], mask: Bool[ArrayLike, "*s"] | None = None, *,
-           shift_mean: bool = True, eps: float = 1e-8) -> Float[Array, "*s"]:
-  r"""Batch whitening of advantages, :math:`(A - \mu)/\sqrt{\sigma^2 + \epsilon}`.
-
-  ``masked_whiten`` with the mask optional (all entries valid when ``None``); the statistics are
-  over the whole batch (Bessel-corrected variance, as TRL / verl / OpenRLHF whiten PPO advantages).
-
-  Args:
-    x: values, any shape.
-    mask: boolean, same shape, or ``None``.
-    shift_mean: subtract the mean (``False`` keeps it and only rescales).
-    eps: variance epsilon.
-
-  Returns:
-    Whitened ``x``, 0 on masked entries.
-  """
-  x = jnp.asarray(x)
-  if mask is None:
-    mask = jnp.ones(x.shape, jnp.bool_)
-  return masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
-
-
 def reinforce_pp_advantages(rewards: Float[ArrayLike, "..."],
                             mask: Bool[ArrayLike, "*b T"], *, gamma: float = 1.0,
                             whiten_advantages: bool = True,
@@ -219,9 +201,15 @@ def reinforce_pp_advantages(rewards: Float[ArrayLike, "..."],
   with the sums over valid tokens and :math:`\mu, \sigma` over every valid token of the batch. The
   per-token rewards carry the KL penalty: build them with ``kl_penalized_rewards`` (score on the
   last token, :math:`-\beta\,\mathrm{KL}_t` on every token). Given sequence scores ``[*b]`` instead,
-  each is placed on its row's last valid token. REINFORCE++-baseline is this function applied to
-  group-centred scores, ``group_advantages(scores, scale="none")``. Masked positions give 0.
-  :math:`G_t` is GAE with :math:`V = 0, \lambda = 1`, and is computed that way.
+  each is placed on its row's last valid token. Masked positions give 0. :math:`G_t` is GAE with
+  :math:`V = 0, \lambda = 1`, and is computed that way.
+
+  REINFORCE++-baseline (same paper; verl ``reinforce_plus_plus_baseline``, OpenRLHF
+  ``reinforce_baseline``) is this function on group-centred scores: subtract each prompt's group
+  mean, broadcast over the tokens, then whiten globally,
+  ``reinforce_pp_advantages(group_advantages(scores, scale="none"), mask)`` (with ``[P, G]`` scores
+  and a ``[P, G, T]`` mask). ``group_advantages(scale="batch")`` is a different recipe (TRL's
+  batch-std scaling, without the token-level whitening).
 
   Args:
     rewards: per-token rewards ``[*b, T]`` or sequence scores ``[*b]``.
@@ -233,7 +221,9 @@ def reinforce_pp_advantages(rewards: Float[ArrayLike, "..."],
   Returns:
     Advantages ``[*b, T]``.
   """
-  rewards, mask = jnp.asarray(rewards), jnp.asarray(mask)
+  rewards = jnp.asarray(rewards)
+  mask = _validate.bool_mask("mask", mask)
+  _validate.min_rank("mask", mask, 1, "[*b, T]")
   if rewards.shape == mask.shape[:-1]:
     rewards = jnp.where(last_valid_token(mask), rewards[..., None], 0.0)
   elif rewards.shape != mask.shape:

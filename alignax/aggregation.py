@@ -5,17 +5,18 @@ How a ``[*b, T]`` per-token loss becomes a scalar is the knob the length-bias pa
 each mode. ``aggregate`` makes the choice explicit; every other reduction in alignax goes through
 ``masked_sum`` / ``masked_mean`` so that padding never contributes to values or gradients.
 
-Masks are boolean, ``True`` on valid tokens, and have exactly the shape of the data they mask.
-Masked entries are excluded with ``jnp.where`` on the *input*: if they hold NaN or inf the result is
-still finite, but a NaN produced upstream by an op whose own gradient is NaN (``log(0)``, say) still
-needs guarding where it is produced.
+Masks are boolean (a loss mask; ``TypeError`` otherwise), ``True`` on valid tokens, and have exactly
+the shape of the data they mask. Every reduction replaces masked entries by 0 with ``jnp.where`` on
+its *input*, before any arithmetic, so NaN or inf in padded slots reaches neither the result nor the
+gradients of the valid entries. A NaN produced upstream by an op whose own gradient is NaN
+(``log(0)``, say) still needs guarding where it is produced.
 """
 
 from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, Float
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from alignax import _validate
 
@@ -27,8 +28,7 @@ Axis = int | tuple[int, ...] | None
 
 
 def _check_mask(x: Array, mask: Array, x_name: str = "x") -> None:
-  if mask.dtype != jnp.bool_:
-    raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
+  _validate.bool_mask("mask", mask)
   _validate.same_shape({x_name: x, "mask": mask})
 
 
@@ -49,9 +49,13 @@ def masked_sum(x: Float[ArrayLike, "*s"], mask: Bool[ArrayLike, "*s"], *,
   return jnp.sum(jnp.where(mask, x, 0), axis=axis)
 
 
-def last_valid_token(mask: Bool[ArrayLike, "*b T"]) -> Bool[Array, "*b T"]:
-  """One-hot over ``T`` of the last ``True`` of each row; all ``False`` where a row has none."""
-  mask = jnp.asarray(mask)
+def last_valid_token(mask: Bool[ArrayLike, "*b T"] | Int[ArrayLike, "*b T"]) -> Bool[Array, "*b T"]:
+  """One-hot over ``T`` of the last valid entry of each row; all ``False`` where a row has none.
+
+  ``mask`` is attention-style: boolean or 0/1 integers (a tokenizer's ``attention_mask``), so this
+  also finds the last real token of left- or right-padded rows (the reward model's read-out).
+  """
+  mask = _validate.attention_mask("mask", mask)
   length = mask.shape[-1]
   last = length - 1 - jnp.argmax(mask[..., ::-1], axis=-1)
   return (jnp.arange(length) == last[..., None]) & mask
@@ -78,6 +82,7 @@ def masked_mean(x: Float[ArrayLike, "*s"], mask: Bool[ArrayLike, "*s"], *,
     The masked mean over ``axis``.
   """
   x, mask = jnp.asarray(x), jnp.asarray(mask)
+  _check_mask(x, mask)
   total = masked_sum(x, mask, axis=axis)
   count = masked_count(mask, axis=axis)
   return total / jnp.maximum(count, 1.0).astype(total.dtype)
@@ -99,8 +104,12 @@ def masked_var(x: Float[ArrayLike, "*s"], mask: Bool[ArrayLike, "*s"], *, axis: 
   Returns:
     The masked variance over ``axis``.
   """
-  _validate.non_negative("ddof", float(ddof))
+  _validate.non_negative("ddof", ddof)
   x, mask = jnp.asarray(x), jnp.asarray(mask)
+  _check_mask(x, mask)
+  # Zero the padding first: `x - mean` on an inf slot would be inf, and the where below would then
+  # pass 0 * inf = NaN back into the gradient of the mean, i.e. of every valid entry.
+  x = jnp.where(mask, x, 0)
   mean = masked_mean(x, mask, axis=axis)
   if axis is not None:
     mean = jnp.expand_dims(mean, axis)
@@ -109,7 +118,7 @@ def masked_var(x: Float[ArrayLike, "*s"], mask: Bool[ArrayLike, "*s"], *, axis: 
   return centred / jnp.maximum(dof, 1.0).astype(centred.dtype)
 
 
-def masked_whiten(x: Float[ArrayLike, "*s"], mask: Bool[ArrayLike, "*s"], *,
+def masked_whiten(x: Float[ArrayLike, "*s"], mask: Bool[ArrayLike, "*s"] | None = None, *,
                   shift_mean: bool = True, eps: float = 1e-8, ddof: int = 1,
                   axis: Axis = None) -> Float[Array, "*s"]:
   r"""Masked whitening, :math:`(x - \mu) / \sqrt{\sigma^2 + \epsilon}` (+ :math:`\mu`).
@@ -121,7 +130,7 @@ def masked_whiten(x: Float[ArrayLike, "*s"], mask: Bool[ArrayLike, "*s"], *,
 
   Args:
     x: values, any shape.
-    mask: boolean, same shape as ``x``.
+    mask: boolean, same shape as ``x``; ``None`` means every entry is valid.
     shift_mean: subtract the mean (``True``) or keep it (``False``).
     eps: added to the variance before the square root, ``> 0``.
     ddof: delta degrees of freedom of the variance.
@@ -131,7 +140,10 @@ def masked_whiten(x: Float[ArrayLike, "*s"], mask: Bool[ArrayLike, "*s"], *,
     Whitened ``x``, same shape, 0 on masked entries.
   """
   _validate.positive("eps", eps)
-  x, mask = jnp.asarray(x), jnp.asarray(mask)
+  x = jnp.asarray(x)
+  mask = jnp.ones(x.shape, jnp.bool_) if mask is None else jnp.asarray(mask)
+  _check_mask(x, mask)
+  x = jnp.where(mask, x, 0)  # padding must reach neither the statistics nor their gradients
   mean = masked_mean(x, mask, axis=axis)
   var = masked_var(x, mask, axis=axis, ddof=ddof)
   if axis is not None:
@@ -142,8 +154,8 @@ def masked_whiten(x: Float[ArrayLike, "*s"], mask: Bool[ArrayLike, "*s"], *,
   return jnp.where(mask, white, 0)
 
 
-def aggregate(per_token: Float[ArrayLike, "*b T"], mask: Bool[ArrayLike, "*b T"], *, mode: AggMode,
-              max_len: int | None = None) -> Float[Array, ""]:
+def aggregate(per_token: Float[ArrayLike, "*b T"], mask: Bool[ArrayLike, "*b T"], *,
+              loss_agg_mode: AggMode, max_len: int | None = None) -> Float[Array, ""]:
   r"""Reduces a per-token loss :math:`\ell_{i,t}` over sequences :math:`i` and tokens :math:`t`.
 
   With :math:`m_{i,t}` the mask, :math:`|o_i| = \sum_t m_{i,t}` and :math:`N` sequences (the product
@@ -176,26 +188,53 @@ def aggregate(per_token: Float[ArrayLike, "*b T"], mask: Bool[ArrayLike, "*b T"]
   Args:
     per_token: per-token loss, shape ``[*b, T]`` (at least 1-D).
     mask: boolean, same shape; ``True`` on tokens that count.
-    mode: one of ``AGG_MODES``.
+    loss_agg_mode: one of ``AGG_MODES`` (the name every composed loss uses for this knob).
     max_len: the constant :math:`L` of ``seq_mean_token_sum_norm`` (required there, ``> 0``);
       usually the maximum generation length, not the padded ``T`` of this batch.
 
   Returns:
     A scalar.
   """
-  _validate.choice("mode", mode, AGG_MODES)
+  _validate.choice("loss_agg_mode", loss_agg_mode, AGG_MODES)
   per_token, mask = jnp.asarray(per_token), jnp.asarray(mask)
   _validate.min_rank("per_token", per_token, 1, "[*b, T]")
   _check_mask(per_token, mask, "per_token")
-  if mode == "seq_mean_token_sum_norm":
+  return _aggregate_sequences(masked_sum(per_token, mask, axis=-1), masked_count(mask, axis=-1),
+                              loss_agg_mode=loss_agg_mode, max_len=max_len)
+
+
+def _aggregate_sequences(seq_sums: Array, lengths: Array, *, loss_agg_mode: str,
+                         max_len: int | None = None) -> Array:
+  r"""``aggregate`` from per-sequence sums :math:`S_i = \sum_t m_{i,t}\ell_{i,t}` and lengths
+  :math:`|o_i|`, for losses that receive sequence sums (ORPO's and CPO's NLL term).
+
+  ``aggregate(per_token, mask, ...)`` is exactly ``_aggregate_sequences(masked_sum(per_token, mask,
+  axis=-1), masked_count(mask, axis=-1), ...)``; the modes are ``aggregate``'s: ``token_mean``
+  :math:`\sum_i S_i / \max(1, \sum_i |o_i|)`, ``seq_mean_token_mean``
+  :math:`\frac1N\sum_i S_i/\max(1, |o_i|)`, ``seq_mean_token_sum`` :math:`\frac1N\sum_i S_i` and
+  ``seq_mean_token_sum_norm`` :math:`\frac1{N L}\sum_i S_i`.
+
+  Args:
+    seq_sums: per-sequence sums of the per-token loss, shape ``[*b]``.
+    lengths: number of valid tokens of each sequence, same shape (no gradient flows into it).
+    loss_agg_mode: one of ``AGG_MODES``.
+    max_len: the constant :math:`L` of ``seq_mean_token_sum_norm``.
+
+  Returns:
+    A scalar.
+  """
+  _validate.choice("loss_agg_mode", loss_agg_mode, AGG_MODES)
+  if loss_agg_mode == "seq_mean_token_sum_norm":
     if max_len is None:
-      raise ValueError("max_len is required for mode='seq_mean_token_sum_norm' (Dr. GRPO)")
-    _validate.positive("max_len", float(max_len))
-  if mode == "token_mean":
-    return masked_mean(per_token, mask)
-  if mode == "seq_mean_token_mean":
-    return jnp.mean(masked_mean(per_token, mask, axis=-1))
-  seq_sums = masked_sum(per_token, mask, axis=-1)
-  if mode == "seq_mean_token_sum":
+      raise ValueError("max_len is required for loss_agg_mode='seq_mean_token_sum_norm' (Dr. GRPO)")
+    _validate.positive("max_len", max_len)
+  seq_sums, lengths = jnp.asarray(seq_sums), jnp.asarray(lengths)
+  _validate.same_shape({"seq_sums": seq_sums, "lengths": lengths})
+  lengths = jax.lax.stop_gradient(lengths).astype(seq_sums.dtype)
+  if loss_agg_mode == "token_mean":
+    return jnp.sum(seq_sums) / jnp.maximum(jnp.sum(lengths), 1)
+  if loss_agg_mode == "seq_mean_token_mean":
+    return jnp.mean(seq_sums / jnp.maximum(lengths, 1))
+  if loss_agg_mode == "seq_mean_token_sum":
     return jnp.mean(seq_sums)
   return jnp.mean(seq_sums) / max_len

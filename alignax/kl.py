@@ -23,7 +23,7 @@ KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
 
 
 def kl_estimate(logp: Float[ArrayLike, "*s"], ref_logp: Float[ArrayLike, "*s"], *,
-                estimator: KLEstimator, clamp: float | None = None) -> Float[Array, "*s"]:
+                kl_estimator: KLEstimator, kl_clamp: float | None = None) -> Float[Array, "*s"]:
   r"""Per-sample estimate of :math:`\mathrm{KL}(\pi\|\pi_{ref})` from samples :math:`x\sim\pi`.
 
   With :math:`\Delta = \log\pi(x) - \log\pi_{ref}(x)`:
@@ -48,36 +48,36 @@ def kl_estimate(logp: Float[ArrayLike, "*s"], ref_logp: Float[ArrayLike, "*s"], 
   Args:
     logp: :math:`\log\pi` of the sampled tokens, any shape.
     ref_logp: :math:`\log\pi_{ref}` of the same tokens, same shape.
-    estimator: one of ``KL_ESTIMATORS``.
-    clamp: if given (``> 0``), the estimate is clipped to ``[-clamp, clamp]``, as verl clamps
-      ``low_var_kl`` to [-10, 10]; clipped entries have zero gradient. For k3 the exponent is first
-      bounded where the clipped value is already reached, so a huge :math:`|\Delta|` gives ``clamp``
-      and a zero gradient instead of inf / NaN. Unclamped k3 overflows once
+    kl_estimator: one of ``KL_ESTIMATORS``.
+    kl_clamp: if given (``> 0``), the estimate is clipped to ``[-kl_clamp, kl_clamp]``, as verl
+      clamps ``low_var_kl`` to [-10, 10]; clipped entries have zero gradient. For k3 the exponent is
+      first bounded where the clipped value is already reached, so a huge :math:`|\Delta|` gives
+      ``kl_clamp`` and a zero gradient instead of inf / NaN. Unclamped k3 overflows once
       :math:`-\Delta \gtrsim 88` in float32.
 
   Returns:
     Per-sample estimates, same shape; mask before aggregating.
   """
-  _validate.choice("estimator", estimator, KL_ESTIMATORS)
-  _validate.positive("clamp", clamp)
+  _validate.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+  _validate.positive("kl_clamp", kl_clamp)
   logp, ref_logp = jnp.asarray(logp), jnp.asarray(ref_logp)
   _validate.same_shape({"logp": logp, "ref_logp": ref_logp})
   delta = logp - ref_logp
-  if estimator == "k1":
+  if kl_estimator == "k1":
     kl = delta
-  elif estimator == "abs":
+  elif kl_estimator == "abs":
     kl = jnp.abs(delta)
-  elif estimator == "k2":
+  elif kl_estimator == "k2":
     kl = 0.5 * jnp.square(delta)
   else:
     log_r = -delta
-    if clamp is not None:
-      # k3(u) = e^u - 1 - u already exceeds `clamp` at both bounds, so bounding u changes nothing
+    if kl_clamp is not None:
+      # k3(u) = e^u - 1 - u already exceeds `kl_clamp` at both bounds, so bounding u changes nothing
       # after the final clip but keeps exp (and its gradient) finite.
-      log_r = jnp.clip(log_r, -(clamp + 2.0), jnp.log1p(clamp) + 1.0)
+      log_r = jnp.clip(log_r, -(kl_clamp + 2.0), jnp.log1p(kl_clamp) + 1.0)
     kl = jnp.expm1(log_r) - log_r
-  if clamp is not None:
-    kl = jnp.clip(kl, -clamp, clamp)
+  if kl_clamp is not None:
+    kl = jnp.clip(kl, -kl_clamp, kl_clamp)
   return kl
 
 
@@ -109,38 +109,42 @@ def categorical_kl(logits_p: Float[ArrayLike, "*s"], logits_q: Float[ArrayLike, 
   return jnp.sum(p * log_ratio, axis=axis)
 
 
-def kl_penalized_rewards(scores: Float[ArrayLike, "*b"], logp: Float[ArrayLike, "*b T"],
-                         ref_logp: Float[ArrayLike, "*b T"], mask: Bool[ArrayLike, "*b T"], *,
-                         beta: float | Array, estimator: KLEstimator = "k1"
-                         ) -> Float[Array, "*b T"]:
+def kl_penalized_rewards(logp: Float[ArrayLike, "*b T"], ref_logp: Float[ArrayLike, "*b T"],
+                         scores: Float[ArrayLike, "*b"], mask: Bool[ArrayLike, "*b T"], *,
+                         beta: float | Array, kl_estimator: KLEstimator = "k1",
+                         kl_clamp: float | None = None) -> Float[Array, "*b T"]:
   r"""Per-token RLHF reward :math:`r_t = -\beta\,\widehat{\mathrm{KL}}_t + [t = t_{last}]\,s`.
 
   The sequence score :math:`s` (a reward model's or verifier's) is paid on the last valid token and
   every valid token pays the KL penalty (Ziegler et al. 2019; Ouyang et al. 2022, InstructGPT;
   Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO"). Used with a policy-gradient
   estimator the k1 penalty yields :math:`\nabla\mathrm{KL}(\pi\|\pi_{ref})` (see ``kl_estimate``).
-  Masked tokens, and rows with no valid token, get 0.
+  Masked tokens, and rows with no valid token, get 0; whatever padded slots of ``logp`` /
+  ``ref_logp`` hold (NaN, inf) never reaches a reward.
 
   Args:
-    scores: sequence-level scores, shape ``[*b]``.
     logp: policy log-probs of the sampled tokens, ``[*b, T]``.
     ref_logp: reference log-probs, ``[*b, T]``.
+    scores: sequence-level scores, shape ``[*b]``.
     mask: boolean ``[*b, T]``, ``True`` on generated tokens.
     beta: KL coefficient, ``>= 0``; may be a traced array (e.g. from ``adaptive_kl_controller``).
-    estimator: the per-token KL estimator (``k1`` in InstructGPT and the N+ details).
+    kl_estimator: the per-token KL estimator (``k1`` in InstructGPT and the N+ details).
+    kl_clamp: if given, the per-token estimate is clipped to ``[-kl_clamp, kl_clamp]``
+      (``kl_estimate``'s; OpenRLHF clamps every estimator to [-10, 10]).
 
   Returns:
     Per-token rewards ``[*b, T]``.
   """
-  _validate.non_negative("beta", _validate.static_or_none(beta))
-  scores, mask = jnp.asarray(scores), jnp.asarray(mask)
-  if mask.dtype != jnp.bool_:
-    raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
-  kl = kl_estimate(logp, ref_logp, estimator=estimator)
-  _validate.same_shape({"logp": kl, "mask": mask})
+  _validate.non_negative("beta", beta)
+  logp, ref_logp, scores = jnp.asarray(logp), jnp.asarray(ref_logp), jnp.asarray(scores)
+  mask = _validate.bool_mask("mask", mask)
+  _validate.min_rank("logp", logp, 1, "[*b, T]")
+  _validate.same_shape({"logp": logp, "ref_logp": ref_logp, "mask": mask})
   if scores.shape != mask.shape[:-1]:
     raise ValueError(f"scores must have shape mask.shape[:-1] = {list(mask.shape[:-1])}, "
                      f"got {list(scores.shape)}")
+  kl = kl_estimate(jnp.where(mask, logp, 0.0), jnp.where(mask, ref_logp, 0.0),
+                   kl_estimator=kl_estimator, kl_clamp=kl_clamp)
   rewards = jnp.where(mask, -beta * kl, 0.0)
   return rewards + jnp.where(last_valid_token(mask), scores[..., None], 0.0)
 
@@ -166,11 +170,15 @@ def adaptive_kl_controller(*, init_kl_coef: float, target: float, horizon: float
   r"""Proportional KL controller (Ziegler et al. 2019, "Fine-Tuning LMs from Human Preferences").
 
   .. math:: e = \mathrm{clip}(\mathrm{KL}/\mathrm{target} - 1, -0.2, 0.2), \qquad
-            \beta \leftarrow \beta\,(1 + e\cdot n/\mathrm{horizon}).
+            \beta \leftarrow \max\big(0,\; \beta\,(1 + e\cdot n/\mathrm{horizon})\big).
 
   The coefficient grows while the observed KL is above ``target`` and shrinks below it. Same update
   as verl's and OpenRLHF's ``AdaptiveKLController`` (TRL v0.11: ``init_kl_coef=0.2, target=6,
-  horizon=10000``).
+  horizon=10000``), except for the clamp at 0, a deliberate deviation from Ziegler et al.: their
+  multiplicative update crosses 0 when one update covers more than ``horizon / 0.2`` samples
+  (:math:`e\cdot n/\mathrm{horizon} < -1`), and a negative :math:`\beta` would then *reward* the
+  policy for diverging from the reference. Once at 0 the coefficient stays 0 (the update is
+  multiplicative).
 
   Args:
     init_kl_coef: the starting :math:`\beta`, ``>= 0``.
@@ -190,7 +198,9 @@ def adaptive_kl_controller(*, init_kl_coef: float, target: float, horizon: float
   def update(state: KLControllerState, kl: Float[ArrayLike, ""],
              n_steps: int | Array) -> KLControllerState:
     error = jnp.clip(jnp.asarray(kl, jnp.float32) / target - 1.0, -0.2, 0.2)
-    return KLControllerState(kl_coef=state.kl_coef * (1.0 + error * n_steps / horizon))
+    # Clamped at 0: a negative coefficient would pay the policy for moving away from the reference.
+    kl_coef = jnp.maximum(state.kl_coef * (1.0 + error * n_steps / horizon), 0.0)
+    return KLControllerState(kl_coef=kl_coef)
 
   return KLController(init=init, update=update)
 

@@ -73,7 +73,7 @@ def run(*, samples: int = 4_000_000, seed: int = 0) -> list[dict]:
     bias_column = [published[e][0] for e in ESTIMATORS]
     std_column = [published[e][1] for e in ESTIMATORS]
     for estimator in ESTIMATORS:
-      k = np.asarray(ax.kl_estimate(log_q, log_p, estimator=estimator), np.float64)
+      k = np.asarray(ax.kl_estimate(log_q, log_p, kl_estimator=estimator), np.float64)
       mean, std = k.mean(), k.std(ddof=1)
       fourth = np.mean((k - mean) ** 4)
       # Standard errors of the sample mean and of the sample std (delta method).

@@ -155,12 +155,12 @@ def test_select_informative_groups():
     np.testing.assert_array_equal(got, _informative_first(batch, k))
 
 
-def test_whiten():
+def test_masked_whiten_without_mask():
   x = np.random.default_rng(4).normal(2.0, 3.0, size=(3, 5)).astype(np.float32)
   mask = np.ones_like(x, bool)
-  np.testing.assert_allclose(ax.whiten(x), ax.masked_whiten(x, mask), rtol=1e-6)
-  np.testing.assert_allclose(ax.whiten(x), ref.masked_whiten(x, mask), rtol=1e-5, atol=1e-6)
-  kept = np.asarray(ax.whiten(x, shift_mean=False))
+  np.testing.assert_allclose(ax.masked_whiten(x), ax.masked_whiten(x, mask), rtol=1e-6)
+  np.testing.assert_allclose(ax.masked_whiten(x), ref.masked_whiten(x, mask), rtol=1e-5, atol=1e-6)
+  kept = np.asarray(ax.masked_whiten(x, shift_mean=False))
   assert kept.mean() == pytest.approx(x.mean(), rel=1e-5)
   assert kept.std(ddof=1) == pytest.approx(1.0, rel=1e-4)
 
@@ -178,7 +178,7 @@ def test_reinforce_pp_scores_equal_last_token_rewards():
   """Sequence scores go on the last valid token; REINFORCE++-baseline = group-centred scores."""
   scores = jnp.array([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
   mask = jnp.arange(5) < jnp.array([[5, 2, 3, 4], [1, 5, 5, 2]])[..., None]
-  per_token = ax.kl_penalized_rewards(scores, jnp.zeros(mask.shape), jnp.zeros(mask.shape), mask,
+  per_token = ax.kl_penalized_rewards(jnp.zeros(mask.shape), jnp.zeros(mask.shape), scores, mask,
                                       beta=0.0)
   np.testing.assert_allclose(ax.reinforce_pp_advantages(scores, mask),
                              ax.reinforce_pp_advantages(per_token, mask), rtol=1e-6)

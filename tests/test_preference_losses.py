@@ -39,6 +39,12 @@ def _f32(*arrays):
   return tuple(jnp.asarray(a, jnp.float32) for a in arrays)
 
 
+def _lengths(lc, lr):
+  """The keyword-only lengths of the length-normalised losses, as float32 arrays."""
+  lc, lr = _f32(lc, lr)
+  return {"chosen_lengths": lc, "rejected_lengths": lr}
+
+
 # (loss_type, extra dpo_loss kwargs, NumPy oracle on (pc, pr, rc, rr, lc, lr)).
 DPO_CASES = [
     ("sigmoid", {}, lambda pc, pr, rc, rr, lc, lr: ref.dpo_sigmoid(pc, pr, rc, rr, BETA)),
@@ -90,8 +96,10 @@ def test_dpo_matches_numpy(loss_type, extra, oracle):
   args = _f32(pc, pr, rc, rr)
   kwargs = _dpo_kwargs(loss_type, extra, *_f32(lc, lr))
   loss, metrics = ax.dpo_loss(*args, **kwargs)
+  losses, none_metrics = ax.dpo_loss(*args, **kwargs, reduction="none")
   expected = oracle(pc, pr, rc, rr, lc, lr)
-  np.testing.assert_allclose(metrics["losses"], expected, rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(losses, expected, rtol=2e-5, atol=1e-6)
+  assert set(none_metrics) == set(metrics)
   np.testing.assert_allclose(loss, expected.mean(), rtol=2e-5, atol=1e-6)
   # jit == eager, one compile per case.
   jit_loss, jit_metrics = jax.jit(functools.partial(ax.dpo_loss, **kwargs))(*args)
@@ -110,7 +118,7 @@ def test_dpo_metrics_match_numpy():
       "rewards/accuracies": (chosen > rejected).mean(),
       "logps/chosen": pc.mean(), "logps/rejected": pr.mean(),
   }
-  assert set(metrics) == set(expected) | {"losses"}
+  assert set(metrics) == set(expected)  # scalars only: per-pair losses come from reduction="none"
   for name, value in expected.items():
     np.testing.assert_allclose(metrics[name], value, rtol=1e-5, err_msg=name)
     assert metrics[name].shape == ()
@@ -120,7 +128,9 @@ def test_dpo_leading_batch_dims():
   pc, pr, rc, rr, lc, lr = _batch(2, (2, 3))
   loss, metrics = ax.dpo_loss(*_f32(pc, pr, rc, rr), beta=BETA, loss_type="sigmoid_norm",
                               chosen_lengths=lc, rejected_lengths=lr)
-  assert metrics["losses"].shape == (2, 3)
+  losses, _ = ax.dpo_loss(*_f32(pc, pr, rc, rr), beta=BETA, loss_type="sigmoid_norm",
+                          chosen_lengths=lc, rejected_lengths=lr, reduction="none")
+  assert losses.shape == (2, 3) and all(v.shape == () for v in metrics.values())
   np.testing.assert_allclose(loss, ref.dpo_sigmoid_norm(pc, pr, rc, rr, BETA, lc, lr).mean(),
                              rtol=1e-5)
 
@@ -181,11 +191,12 @@ def test_hinge_is_zero_beyond_margin_one_over_beta():
 
 def test_combined_loss_types_are_a_weighted_sum():
   pc, pr, rc, rr, _, _ = _batch(3)
-  loss, metrics = ax.dpo_loss(*_f32(pc, pr, rc, rr), beta=BETA, loss_type=("sigmoid", "bco_pair"),
-                              loss_weights=(0.8, 0.2))
+  kwargs = dict(beta=BETA, loss_type=("sigmoid", "bco_pair"), loss_weights=(0.8, 0.2))
+  loss, _ = ax.dpo_loss(*_f32(pc, pr, rc, rr), **kwargs)
+  losses, _ = ax.dpo_loss(*_f32(pc, pr, rc, rr), **kwargs, reduction="none")
   expected = (0.8 * ref.dpo_sigmoid(pc, pr, rc, rr, BETA)
               + 0.2 * ref.dpo_bco_pair(pc, pr, rc, rr, BETA))
-  np.testing.assert_allclose(metrics["losses"], expected, rtol=1e-5)
+  np.testing.assert_allclose(losses, expected, rtol=1e-5)
   np.testing.assert_allclose(loss, expected.mean(), rtol=1e-5)
   default_weights, _ = ax.dpo_loss(*_f32(pc, pr, rc, rr), beta=BETA,
                                    loss_type=["sigmoid", "hinge"])
@@ -311,13 +322,34 @@ def test_traced_beta_under_vmap():
     np.testing.assert_allclose(loss, ref.dpo_sigmoid(pc, pr, rc, rr, beta).mean(), rtol=1e-5)
 
 
-def test_losses_metric_keeps_its_gradient():
+def test_reduction_none_keeps_the_per_pair_gradient():
   pc, pr, rc, rr, _, _ = _batch(10)
   weights = jnp.linspace(0.0, 1.0, SHAPE[0])
   args = _f32(pc, pr, rc, rr)
-  grad_weighted = jax.grad(lambda c: jnp.sum(weights * ax.dpo_loss(c, *args[1:])[1]["losses"]))(
-      args[0])
+  grad_weighted = jax.grad(
+      lambda c: jnp.sum(weights * ax.dpo_loss(c, *args[1:], reduction="none")[0]))(args[0])
   assert grad_weighted[0] == 0.0 and np.all(grad_weighted[1:] != 0.0)
+  # "mean" is the mean of "none", value and gradient alike, for every pairwise objective.
+  pc, pr, lc, lr = _avg_batch(10)
+  calls = [
+      lambda c, red: ax.dpo_loss(c, *args[1:], reduction=red),
+      lambda c, red: ax.orpo_loss(c, *_f32(pr), **_lengths(lc, lr), reduction=red),
+      lambda c, red: ax.simpo_loss(c, *_f32(pr), **_lengths(lc, lr), reduction=red),
+      lambda c, red: ax.cpo_loss(c, *_f32(pr), **_lengths(lc, lr), reduction=red),
+      lambda c, red: ax.kto_loss(c, *_f32(pr), jnp.arange(SHAPE[0]) % 2 == 0,
+                                 reference_point=0.1, reduction=red),
+      lambda c, red: ax.bradley_terry_loss(c, *_f32(pr), margin=0.5, reduction=red),
+  ]
+  for call in calls:
+    c = _f32(pc)[0]
+    mean, mean_metrics = call(c, "mean")
+    losses, none_metrics = call(c, "none")
+    assert mean.shape == () and losses.shape == c.shape
+    np.testing.assert_allclose(jnp.mean(losses), mean, rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda x: jnp.mean(call(x, "none")[0]))(c),
+                               jax.grad(lambda x: call(x, "mean")[0])(c), rtol=1e-6, atol=1e-8)
+    assert set(mean_metrics) == set(none_metrics)
+    assert all(jnp.shape(v) == () for v in mean_metrics.values())
 
 
 def test_sharded_batch_equals_unsharded(mesh8):
@@ -357,8 +389,10 @@ def test_kto_matches_numpy():
   kwargs = {"reference_point": z0, "beta": 0.5, "desirable_weight": 1.0,
             "undesirable_weight": 1.33}
   loss, metrics = ax.kto_loss(*_f32(policy, reference), jnp.asarray(desirable), **kwargs)
+  losses, _ = ax.kto_loss(*_f32(policy, reference), jnp.asarray(desirable), **kwargs,
+                          reduction="none")
   expected = ref.kto(policy, reference, desirable, 0.5, float(z0), 1.0, 1.33)
-  np.testing.assert_allclose(metrics["losses"], expected, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(losses, expected, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(loss, expected.mean(), rtol=1e-5)
   rewards = 0.5 * (policy - reference)
   np.testing.assert_allclose(metrics["rewards/chosen"], rewards[desirable].mean(), rtol=1e-5)
@@ -378,11 +412,11 @@ def test_kto_reference_point_is_clamped_and_has_no_gradient():
 
 def test_kto_with_zero_reference_point_is_apo_zero_unpaired():
   policy, reference, desirable = _kto_batch(12)
-  _, metrics = ax.kto_loss(*_f32(policy, reference), jnp.asarray(desirable), reference_point=0.0,
-                           beta=BETA)
+  losses, _ = ax.kto_loss(*_f32(policy, reference), jnp.asarray(desirable), reference_point=0.0,
+                          beta=BETA, reduction="none")
   s = BETA * (policy - reference)
   apo = np.where(desirable, 1 - ref.sigmoid(s), ref.sigmoid(s))  # TRL apo_zero_unpaired
-  np.testing.assert_allclose(metrics["losses"], apo, rtol=1e-5)
+  np.testing.assert_allclose(losses, apo, rtol=1e-5)
 
 
 def test_kto_check_grads_and_all_desirable_batch():
@@ -415,9 +449,11 @@ def _avg_batch(seed):
 
 def test_orpo_matches_numpy():
   pc, pr, lc, lr = _avg_batch(14)
-  loss, metrics = ax.orpo_loss(*_f32(pc, pr, lc, lr), beta=0.2)
+  loss, metrics = ax.orpo_loss(*_f32(pc, pr), **_lengths(lc, lr), odds_ratio_weight=0.2)
   np.testing.assert_allclose(loss, ref.orpo(pc, pr, lc, lr, 0.2), rtol=1e-5)
-  np.testing.assert_allclose(metrics["losses"].mean(), loss, rtol=1e-6)
+  losses, _ = ax.orpo_loss(*_f32(pc, pr), **_lengths(lc, lr), odds_ratio_weight=0.2,
+                           reduction="none")
+  np.testing.assert_allclose(losses.mean(), loss, rtol=1e-6)
   np.testing.assert_allclose(metrics["nll_loss"], -pc.sum() / lc.sum(), rtol=1e-5)
   log_odds = np.log((np.exp(pc / lc) / (1 - np.exp(pc / lc)))
                     / (np.exp(pr / lr) / (1 - np.exp(pr / lr))))
@@ -425,9 +461,11 @@ def test_orpo_matches_numpy():
   np.testing.assert_allclose(metrics["log_odds_ratio"], ref.log_sigmoid(log_odds).mean(),
                              rtol=1e-5)
   np.testing.assert_allclose(metrics["rewards/chosen"], 0.2 * (pc / lc).mean(), rtol=1e-5)
-  jit_loss, _ = jax.jit(functools.partial(ax.orpo_loss, beta=0.2))(*_f32(pc, pr, lc, lr))
+  jit_loss, _ = jax.jit(functools.partial(ax.orpo_loss, odds_ratio_weight=0.2))(
+      *_f32(pc, pr), **_lengths(lc, lr))
   np.testing.assert_allclose(jit_loss, loss, rtol=1e-6)
-  check_grads(lambda c, r: ax.orpo_loss(c, r, *_f32(lc, lr), beta=0.2)[0], _f32(pc, pr), order=1,
+  check_grads(lambda c, r: ax.orpo_loss(c, r, **_lengths(lc, lr), odds_ratio_weight=0.2)[0],
+              _f32(pc, pr), order=1,
               modes=("rev",), eps=1e-2, atol=5e-3, rtol=5e-3)
 
 
@@ -437,11 +475,13 @@ def test_orpo_log_odds_are_stable_near_zero_and_for_empty_completions():
   pc = jnp.array([0.0, -1e-9, -1e4, -3.0])
   pr = jnp.array([-2.0, 0.0, -1e4 * 3, 0.0])
   lc, lr = jnp.array([0, 1, 1, 3]), jnp.array([1, 1, 3, 0])
-  loss, grads = jax.value_and_grad(lambda c, r: ax.orpo_loss(c, r, lc, lr)[0], argnums=(0, 1))(
-      pc, pr)
+  loss, grads = jax.value_and_grad(
+      lambda c, r: ax.orpo_loss(c, r, chosen_lengths=lc, rejected_lengths=lr)[0],
+      argnums=(0, 1))(pc, pr)
   assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads)
   # Both averages −1e4: log odds ratio = (−1e4 − log1mexp(−1e4)) − (same) = 0.
-  _, single = ax.orpo_loss(pc[2:3], pr[2:3], lc[2:3], lr[2:3], beta=1.0)
+  _, single = ax.orpo_loss(pc[2:3], pr[2:3], chosen_lengths=lc[2:3], rejected_lengths=lr[2:3],
+                           odds_ratio_weight=1.0)
   np.testing.assert_allclose(single["log_odds_chosen"], 0.0, atol=1e-6)
 
 
@@ -449,23 +489,26 @@ def test_orpo_log_odds_are_stable_near_zero_and_for_empty_completions():
 def test_simpo_matches_numpy(loss_type, eps):
   pc, pr, lc, lr = _avg_batch(15)
   kwargs = {"beta": 2.5, "gamma_beta_ratio": 0.55, "label_smoothing": eps, "loss_type": loss_type}
-  loss, metrics = ax.simpo_loss(*_f32(pc, pr, lc, lr), **kwargs)
+  loss, metrics = ax.simpo_loss(*_f32(pc, pr), **_lengths(lc, lr), **kwargs)
+  losses, _ = ax.simpo_loss(*_f32(pc, pr), **_lengths(lc, lr), **kwargs, reduction="none")
   expected = ref.simpo(pc, pr, lc, lr, 2.5, 2.5 * 0.55, eps, hinge=loss_type == "hinge")
-  np.testing.assert_allclose(metrics["losses"], expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(losses, expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(loss, expected.mean(), rtol=1e-5)
   np.testing.assert_allclose(metrics["rewards/margins"], 2.5 * (pc / lc - pr / lr).mean(),
                              rtol=1e-5)
-  jit_loss, _ = jax.jit(functools.partial(ax.simpo_loss, **kwargs))(*_f32(pc, pr, lc, lr))
+  jit_loss, _ = jax.jit(functools.partial(ax.simpo_loss, **kwargs))(*_f32(pc, pr),
+                                                                     **_lengths(lc, lr))
   np.testing.assert_allclose(jit_loss, loss, rtol=1e-6)
 
 
 def test_simpo_hand_values_and_empty_completion():
   # Equal per-token averages: z = −γ, so the loss is −log σ(−γ) = log(1 + e^γ).
-  loss, _ = ax.simpo_loss(jnp.array([-4.0]), jnp.array([-8.0]), jnp.array([2]), jnp.array([4]),
-                          beta=2.0, gamma_beta_ratio=0.5)
+  loss, _ = ax.simpo_loss(jnp.array([-4.0]), jnp.array([-8.0]), chosen_lengths=jnp.array([2]),
+                          rejected_lengths=jnp.array([4]), beta=2.0, gamma_beta_ratio=0.5)
   np.testing.assert_allclose(loss, math.log1p(math.e), rtol=1e-6)
   loss, grads = jax.value_and_grad(
-      lambda c, r: ax.simpo_loss(c, r, jnp.array([0, 3]), jnp.array([2, 0]))[0], argnums=(0, 1))(
+      lambda c, r: ax.simpo_loss(c, r, chosen_lengths=jnp.array([0, 3]),
+                                 rejected_lengths=jnp.array([2, 0]))[0], argnums=(0, 1))(
           jnp.array([0.0, -3.0]), jnp.array([-2.0, 0.0]))
   assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads)
 
@@ -473,23 +516,27 @@ def test_simpo_hand_values_and_empty_completion():
 def test_simpo_defaults_are_the_paper_codes():
   # princeton-nlp/SimPO SimPOConfig: beta=2.0, gamma_beta_ratio=0.25, so gamma = 0.5 (TRL's
   # simpo_gamma). Equal per-token averages leave z = -gamma: the loss is log(1 + e^0.5).
-  loss, _ = ax.simpo_loss(jnp.array([-4.0]), jnp.array([-8.0]), jnp.array([2]), jnp.array([4]))
+  loss, _ = ax.simpo_loss(jnp.array([-4.0]), jnp.array([-8.0]), chosen_lengths=jnp.array([2]),
+                          rejected_lengths=jnp.array([4]))
   np.testing.assert_allclose(loss, math.log1p(math.exp(0.5)), rtol=1e-6)
 
 
 def test_cpo_matches_numpy():
   pc, pr, lc, lr = _avg_batch(16)
-  loss, metrics = ax.cpo_loss(*_f32(pc, pr, lc, lr), beta=BETA, cpo_alpha=0.7)
+  loss, metrics = ax.cpo_loss(*_f32(pc, pr), **_lengths(lc, lr), beta=BETA, cpo_alpha=0.7)
   np.testing.assert_allclose(loss, ref.cpo(pc, pr, lc, BETA, 0.7), rtol=1e-5)
-  np.testing.assert_allclose(metrics["losses"].mean(), loss, rtol=1e-6)
+  losses, _ = ax.cpo_loss(*_f32(pc, pr), **_lengths(lc, lr), beta=BETA, cpo_alpha=0.7,
+                          reduction="none")
+  np.testing.assert_allclose(losses.mean(), loss, rtol=1e-6)
   np.testing.assert_allclose(metrics["nll_loss"], -pc.sum() / lc.sum(), rtol=1e-5)
   np.testing.assert_allclose(metrics["rewards/chosen"], BETA * pc.mean(), rtol=1e-5)
   # cpo_alpha = 0 is reference-free DPO; ipo length-normalises, as in TRL's CPO.
-  no_nll, _ = ax.cpo_loss(*_f32(pc, pr, lc, lr), beta=BETA, loss_type="ipo", cpo_alpha=0.0)
+  no_nll, _ = ax.cpo_loss(*_f32(pc, pr), **_lengths(lc, lr), beta=BETA, loss_type="ipo",
+                          cpo_alpha=0.0)
   np.testing.assert_allclose(no_nll, ref.dpo_ipo(pc, pr, 0.0, 0.0, BETA, lc, lr).mean(),
                              rtol=1e-5)
   jit_loss, _ = jax.jit(functools.partial(ax.cpo_loss, beta=BETA, cpo_alpha=0.7))(
-      *_f32(pc, pr, lc, lr))
+      *_f32(pc, pr), **_lengths(lc, lr))
   np.testing.assert_allclose(jit_loss, loss, rtol=1e-6)
 
 
@@ -540,7 +587,8 @@ def test_mismatched_shapes_name_the_arguments():
     unchecked(ax.dpo_loss)(pc, pr, rc, rc, loss_type="ipo", chosen_lengths=jnp.ones(3),
                            rejected_lengths=jnp.ones(2))
   with pytest.raises(ValueError, match=r"chosen_lengths\[4\]"):
-    jax.jit(unchecked(ax.orpo_loss))(pc, pr, jnp.ones(4), jnp.ones(3))
+    jax.jit(unchecked(ax.orpo_loss))(pc, pr, chosen_lengths=jnp.ones(4),
+                                     rejected_lengths=jnp.ones(3))
   with pytest.raises(ValueError, match=r"desirable\[2\]"):
     unchecked(ax.kto_loss)(pc, rc, jnp.ones(2, bool), reference_point=0.0)
 
@@ -554,14 +602,17 @@ def test_one_sided_reference_is_an_error():
 def test_other_objectives_bad_hyper_parameters():
   pc, pr, _, _ = _pairs()
   lengths = jnp.ones(3)
-  with pytest.raises(ValueError, match="beta must be > 0"):
-    jax.jit(lambda c, r: ax.orpo_loss(c, r, lengths, lengths, beta=-1.0))(pc, pr)
+  lengths = {"chosen_lengths": lengths, "rejected_lengths": lengths}
+  with pytest.raises(ValueError, match="odds_ratio_weight must be > 0"):
+    jax.jit(lambda c, r: ax.orpo_loss(c, r, **lengths, odds_ratio_weight=-1.0))(pc, pr)
   with pytest.raises(ValueError, match="gamma_beta_ratio must be >= 0"):
-    ax.simpo_loss(pc, pr, lengths, lengths, gamma_beta_ratio=-0.5)
+    ax.simpo_loss(pc, pr, **lengths, gamma_beta_ratio=-0.5)
   with pytest.raises(ValueError, match="no effect for loss_type='hinge'"):
-    ax.simpo_loss(pc, pr, lengths, lengths, loss_type="hinge", label_smoothing=0.1)
+    ax.simpo_loss(pc, pr, **lengths, loss_type="hinge", label_smoothing=0.1)
   with pytest.raises(ValueError, match="cpo_alpha must be >= 0"):
-    ax.cpo_loss(pc, pr, lengths, lengths, cpo_alpha=-1.0)
+    ax.cpo_loss(pc, pr, **lengths, cpo_alpha=-1.0)
+  with pytest.raises(ValueError, match="reduction='sum' is not supported"):
+    unchecked(ax.dpo_loss)(pc, pr, None, None, reduction="sum")
   with pytest.raises(ValueError, match="undesirable_weight must be >= 0"):
     ax.kto_loss(pc, pr, jnp.ones(3, bool), reference_point=0.0, undesirable_weight=-1.0)
   with pytest.raises((TypeError, ValueError), match="desirable"):

@@ -5,10 +5,14 @@ token log-probs (``alignax.sequence_logprobs``), and, where a method length-norm
 completion lengths :math:`|y|` (``alignax.aggregation.masked_count(mask, axis=-1)``). Any leading
 batch shape ``[*b]`` works; every statistic is a mean over all of it.
 
-Every objective returns ``(loss, metrics)`` for ``jax.value_and_grad(has_aux=True)``.
-``metrics["losses"]`` is the unreduced per-pair (KTO: per-example) loss whose mean is ``loss``; it
-keeps its gradient, so callers can weight or reduce pairs differently. The other metrics are batch
-means without gradient, named as TRL logs them.
+Every objective returns ``(loss, metrics)`` for ``jax.value_and_grad(has_aux=True)``; ``metrics`` is
+a flat dict of stop-gradient scalars (batch means) named as TRL logs them. ``reduction="mean"`` (the
+default) makes ``loss`` the mean over pairs (KTO: examples); ``reduction="none"`` returns the
+per-pair losses ``[*b]`` instead, with their gradients, so callers can weight or reduce pairs
+differently (their mean is the ``"mean"`` loss).
+
+Lengths (``chosen_lengths``, ``rejected_lengths``) are keyword-only everywhere. Optional per-example
+arguments must have exactly the shape of the log-probs: nothing is broadcast.
 
 A length of 0 is treated as 1 wherever a method divides by it: the sum over no token is 0, so the
 normalised log-prob of an empty completion is 0, with finite values and gradients (never NaN).
@@ -22,7 +26,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Real
 
 from alignax import _validate
-from alignax.aggregation import masked_mean
+from alignax.aggregation import _aggregate_sequences, masked_mean
 
 DpoLossType = Literal["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair",
                       "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
@@ -35,14 +39,15 @@ _MAY_USE_LENGTHS = ("sigmoid_norm", "ipo")
 # What `label_smoothing` (ε) means per loss type; a type missing here has no ε and requires ε = 0.
 _CDPO_SMOOTHED = ("sigmoid", "sigmoid_norm", "aot", "aot_unpaired")
 
-Metrics = dict[str, Float[Array, "..."]]
+Metrics = dict[str, Float[Array, ""]]
 Scalar = float | Float[ArrayLike, ""]
+Reduction = Literal["mean", "none"]
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
-def _positive_unless_traced(name: str, value: Scalar) -> None:
-  # beta may be traced (e.g. vmapped over a sweep); it is checked whenever it is concrete.
-  if not isinstance(value, jax.core.Tracer):
-    _validate.positive(name, float(value))
+def _reduce(losses: Array, reduction: str) -> Array:
+  """The per-pair ``losses`` themselves (``"none"``) or their mean (``"mean"``)."""
+  return losses if reduction == "none" else jnp.mean(losses)
 
 
 def _length_normalised(logps: Array, lengths: Array) -> Array:
@@ -65,14 +70,17 @@ def _sort_flat(x: Array) -> Array:
   return jax.sharding.reshard(out, sharding) if explicit else out
 
 
-def _token_mean_nll(chosen_logps: Array, chosen_lengths: Array) -> tuple[Array, Array]:
-  """NLL of the chosen completions as one mean over all their tokens (Hugging Face cross-entropy).
+def _chosen_nll(chosen_logps: Array, chosen_lengths: Array) -> tuple[Array, Array]:
+  r"""NLL of the chosen completions, ``sft_loss``'s default token mean, from sequence sums.
 
-  Returns the per-pair share (whose mean is the token mean) and the token mean itself.
+  ORPO and CPO receive :math:`\log\pi(y_c)` summed over tokens and :math:`|y_c|`, so the token
+  mean is ``aggregate``'s ``token_mean`` written on sequence sums, :math:`-\sum_i \log\pi(y_{c,i})
+  / \sum_i |y_{c,i}|`, as the Hugging Face cross-entropy in TRL computes it. Returns the per-pair
+  share (each pair's part, whose mean over pairs is the NLL) and the NLL itself.
   """
-  num_tokens = jnp.maximum(jnp.sum(chosen_lengths), 1).astype(chosen_logps.dtype)
-  nll = -jnp.sum(chosen_logps) / num_tokens
-  share = -chosen_logps * (chosen_logps.size / num_tokens)
+  nll = _aggregate_sequences(-chosen_logps, chosen_lengths, loss_agg_mode="token_mean")
+  num_tokens = jnp.maximum(jnp.sum(jax.lax.stop_gradient(chosen_lengths)), 1)
+  share = -chosen_logps * (chosen_logps.size / num_tokens.astype(chosen_logps.dtype))
   return share, nll
 
 
@@ -171,7 +179,8 @@ def dpo_loss(chosen_logps: Float[ArrayLike, "*b"], rejected_logps: Float[ArrayLi
              chosen_lengths: Real[ArrayLike, "*b"] | None = None,
              rejected_lengths: Real[ArrayLike, "*b"] | None = None,
              discopop_tau: float = 0.05,
-             bco_reward_shift: Scalar = 0.0) -> tuple[Float[Array, ""], Metrics]:
+             bco_reward_shift: Scalar = 0.0,
+             reduction: Reduction = "mean") -> tuple[Float[Array, "*r"], Metrics]:
   r"""Direct Preference Optimization and its pairwise loss family, mean over pairs.
 
   With :math:`s_c = \log\pi(y_c) - \log\pi_\text{ref}(y_c)`, :math:`s_r` likewise,
@@ -214,8 +223,8 @@ def dpo_loss(chosen_logps: Float[ArrayLike, "*b"], rejected_logps: Float[ArrayLi
     (Jung et al.: the mean of :math:`\beta s_c` and :math:`\beta s_r` over past batches, i.e. of
     ``(metrics["rewards/chosen"] + metrics["rewards/rejected"]) / 2``). The caller keeps it as state
     and passes it in; TRL v1 fixes it at 0, the default.
-  * ``aot`` and ``aot_unpaired`` sort across the whole batch, so ``metrics["losses"]`` is indexed by
-    quantile, not by pair.
+  * ``aot`` and ``aot_unpaired`` sort across the whole batch, so the ``reduction="none"`` losses
+    are indexed by quantile, not by pair.
   * ``discopop``'s :math:`\tau` is ``discopop_tau`` (0.05 in the paper and TRL).
   * Reference-free: pass ``ref_chosen_logps=ref_rejected_logps=None``; every
     :math:`\log\pi_\text{ref}` above is then 0 (as in SimPO and CPO; TRL ≤ 0.28's
@@ -239,12 +248,13 @@ def dpo_loss(chosen_logps: Float[ArrayLike, "*b"], rejected_logps: Float[ArrayLi
     rejected_lengths: :math:`|y_r|`, same shape.
     discopop_tau: :math:`\tau > 0` of ``discopop``.
     bco_reward_shift: :math:`\Delta` of ``bco_pair`` (a scalar; may be traced).
+    reduction: ``"mean"`` (a scalar loss) or ``"none"`` (the per-pair losses ``[*b]``).
 
   Returns:
-    ``(loss, metrics)``: the mean over pairs of :math:`\sum_k w_k L_k`, and ``rewards/chosen``
-    (:math:`\beta s_c`), ``rewards/rejected`` (:math:`\beta s_r`), ``rewards/margins``,
-    ``rewards/accuracies`` (fraction with :math:`\beta s_c > \beta s_r`), ``logps/chosen``,
-    ``logps/rejected`` (batch means), and ``losses``, the per-pair loss of shape ``[*b]``.
+    ``(loss, metrics)``: the mean over pairs of :math:`\sum_k w_k L_k` (``reduction="none"``: the
+    per-pair values, shape ``[*b]``), and the scalars ``rewards/chosen`` (:math:`\beta s_c`),
+    ``rewards/rejected`` (:math:`\beta s_r`), ``rewards/margins``, ``rewards/accuracies`` (fraction
+    with :math:`\beta s_c > \beta s_r`), ``logps/chosen``, ``logps/rejected`` (batch means).
   """
   loss_types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
   if not loss_types:
@@ -260,7 +270,9 @@ def dpo_loss(chosen_logps: Float[ArrayLike, "*b"], rejected_logps: Float[ArrayLi
                      f"types {loss_types}")
   for weight in loss_weights:
     _validate.non_negative("loss_weights", weight)
-  _positive_unless_traced("beta", beta)
+  _validate.choice("reduction", reduction, REDUCTIONS)
+  _validate.positive("beta", beta)
+  _validate.static_value("bco_reward_shift", bco_reward_shift)
   _check_dpo_label_smoothing(loss_types, label_smoothing)
   _validate.positive("discopop_tau", discopop_tau)
   if (ref_chosen_logps is None) != (ref_rejected_logps is None):
@@ -303,7 +315,7 @@ def dpo_loss(chosen_logps: Float[ArrayLike, "*b"], rejected_logps: Float[ArrayLi
   metrics = _pair_statistics(beta * (chosen_logps - ref_chosen_logps),
                              beta * (rejected_logps - ref_rejected_logps),
                              chosen_logps, rejected_logps)
-  return jnp.mean(losses), {**metrics, "losses": losses}
+  return _reduce(losses, reduction), metrics
 
 
 def kto_reference_point(mismatched_logps: Float[ArrayLike, "*b"],
@@ -331,8 +343,8 @@ def kto_reference_point(mismatched_logps: Float[ArrayLike, "*b"],
 
 def kto_loss(logps: Float[ArrayLike, "*b"], ref_logps: Float[ArrayLike, "*b"],
              desirable: Bool[ArrayLike, "*b"], *, reference_point: Scalar, beta: Scalar = 0.1,
-             desirable_weight: float = 1.0, undesirable_weight: float = 1.0
-             ) -> tuple[Float[Array, ""], Metrics]:
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             reduction: Reduction = "mean") -> tuple[Float[Array, "*r"], Metrics]:
   r"""Kahneman-Tversky Optimization on unpaired examples, mean over examples.
 
   With :math:`s = \log\pi(y\mid x) - \log\pi_\text{ref}(y\mid x)` and the reference point
@@ -355,20 +367,21 @@ def kto_loss(logps: Float[ArrayLike, "*b"], ref_logps: Float[ArrayLike, "*b"],
     beta: :math:`\beta > 0` (may be traced).
     desirable_weight: :math:`\lambda_D \ge 0`.
     undesirable_weight: :math:`\lambda_U \ge 0`.
+    reduction: ``"mean"`` (a scalar loss) or ``"none"`` (the per-example losses ``[*b]``).
 
   Returns:
-    ``(loss, metrics)`` with TRL's names: ``kl`` (:math:`z_0`), ``rewards/chosen`` and
-    ``logps/chosen`` (means of :math:`\beta s` and :math:`\log\pi` over desirable examples, 0 if
-    there are none), ``rewards/rejected`` and ``logps/rejected`` (over undesirable ones),
-    ``rewards/margins`` (their difference) and ``losses``, the per-example loss of shape ``[*b]``.
+    ``(loss, metrics)``: the mean loss (``reduction="none"``: per example, ``[*b]``) and TRL's
+    scalars ``kl`` (:math:`z_0`), ``rewards/chosen`` and ``logps/chosen`` (means of :math:`\beta s`
+    and :math:`\log\pi` over desirable examples, 0 if there are none), ``rewards/rejected`` and
+    ``logps/rejected`` (over undesirable ones) and ``rewards/margins`` (their difference).
   """
-  _positive_unless_traced("beta", beta)
+  _validate.choice("reduction", reduction, REDUCTIONS)
+  _validate.positive("beta", beta)
   _validate.non_negative("desirable_weight", desirable_weight)
   _validate.non_negative("undesirable_weight", undesirable_weight)
-  logps, ref_logps, desirable = map(jnp.asarray, (logps, ref_logps, desirable))
+  logps, ref_logps = jnp.asarray(logps), jnp.asarray(ref_logps)
+  desirable = _validate.bool_mask("desirable", desirable)
   _validate.same_shape({"logps": logps, "ref_logps": ref_logps, "desirable": desirable})
-  if desirable.dtype != jnp.bool_:
-    raise TypeError(f"desirable must be a boolean array, got dtype {desirable.dtype}")
   ref_logps = jax.lax.stop_gradient(ref_logps)  # the reference is frozen
   reference_point = jax.lax.stop_gradient(jnp.asarray(reference_point))
   if reference_point.ndim:
@@ -389,7 +402,7 @@ def kto_loss(logps: Float[ArrayLike, "*b"], ref_logps: Float[ArrayLike, "*b"],
       "logps/chosen": masked_mean(logps, desirable),
       "logps/rejected": masked_mean(logps, ~desirable),
   }
-  return jnp.mean(losses), {**jax.tree.map(jax.lax.stop_gradient, stats), "losses": losses}
+  return _reduce(losses, reduction), jax.tree.map(jax.lax.stop_gradient, stats)
 
 
 def _log1mexp(x: Array) -> Array:
@@ -403,6 +416,7 @@ def _log1mexp(x: Array) -> Array:
 
 
 def _pair_arrays(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths):
+  # Lengths are per example: exactly the log-probs' shape (a [B, 1] against [B] is an error).
   arrays = {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps,
             "chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
   arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
@@ -410,9 +424,10 @@ def _pair_arrays(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)
   return tuple(arrays.values())
 
 
-def orpo_loss(chosen_logps: Float[ArrayLike, "*b"], rejected_logps: Float[ArrayLike, "*b"],
-              chosen_lengths: Real[ArrayLike, "*b"], rejected_lengths: Real[ArrayLike, "*b"], *,
-              beta: Scalar = 0.1) -> tuple[Float[Array, ""], Metrics]:
+def orpo_loss(chosen_logps: Float[ArrayLike, "*b"], rejected_logps: Float[ArrayLike, "*b"], *,
+              chosen_lengths: Real[ArrayLike, "*b"], rejected_lengths: Real[ArrayLike, "*b"],
+              odds_ratio_weight: Scalar = 0.1,
+              reduction: Reduction = "mean") -> tuple[Float[Array, "*r"], Metrics]:
   r"""ORPO: :math:`\mathcal{L}_\text{NLL}(y_c) - \lambda\log\sigma(\log[odds(y_c)/odds(y_r)])`.
 
   Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model",
@@ -420,44 +435,49 @@ def orpo_loss(chosen_logps: Float[ArrayLike, "*b"], rejected_logps: Float[ArrayL
   log-prob, so :math:`\log\mathrm{odds} = \log p - \log(1 - e^{\log p})`, computed with a stable
   ``log1mexp``. :math:`\mathcal{L}_\text{NLL}` is the mean over all chosen completion tokens of the
   batch, as the Hugging Face cross-entropy in the paper's code and TRL computes it (the mean of
-  per-sequence means when lengths are equal). :math:`\lambda` is ``beta``, TRL's name.
+  per-sequence means when lengths are equal). :math:`\lambda` is ``odds_ratio_weight`` (the
+  paper's λ; TRL calls it ``beta``, but it weighs a loss term and is not DPO's implicit-reward
+  scale, so alignax does not).
 
   Args:
     chosen_logps: :math:`\log\pi(y_c\mid x)` summed over completion tokens, shape ``[*b]``.
     rejected_logps: :math:`\log\pi(y_r\mid x)`, same shape.
-    chosen_lengths: :math:`|y_c|`, same shape.
-    rejected_lengths: :math:`|y_r|`, same shape.
-    beta: :math:`\lambda > 0` (0.1 in the paper's main runs and TRL; may be traced).
+    chosen_lengths: :math:`|y_c|`, same shape (keyword-only).
+    rejected_lengths: :math:`|y_r|`, same shape (keyword-only).
+    odds_ratio_weight: :math:`\lambda > 0` (0.1 in the paper's main runs and TRL's ``beta``; may be
+      traced).
+    reduction: ``"mean"`` or ``"none"`` (per pair: each pair's share of the token-mean NLL plus its
+      odds-ratio term, shape ``[*b]``).
 
   Returns:
     ``(loss, metrics)`` with TRL's names: ``rewards/chosen`` / ``rewards/rejected``
     (:math:`\lambda\log p`), ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen`` /
     ``logps/rejected`` (means of the averaged log-probs), ``nll_loss``, ``log_odds_ratio`` (mean
-    :math:`\log\sigma(\log\mathrm{odds\ ratio})`), ``log_odds_chosen`` (mean log odds ratio) and
-    ``losses``, the per-pair loss of shape ``[*b]`` (each pair's share of the token-mean NLL plus
-    its odds-ratio term).
+    :math:`\log\sigma(\log\mathrm{odds\ ratio})`) and ``log_odds_chosen`` (mean log odds ratio).
   """
-  _positive_unless_traced("beta", beta)
+  _validate.choice("reduction", reduction, REDUCTIONS)
+  _validate.positive("odds_ratio_weight", odds_ratio_weight)
   chosen_logps, rejected_logps, chosen_lengths, rejected_lengths = _pair_arrays(
       chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)
   chosen_avg = _length_normalised(chosen_logps, chosen_lengths)
   rejected_avg = _length_normalised(rejected_logps, rejected_lengths)
   log_odds = (chosen_avg - rejected_avg) - (_log1mexp(chosen_avg) - _log1mexp(rejected_avg))
   log_sigmoid_odds = jax.nn.log_sigmoid(log_odds)
-  nll_share, nll = _token_mean_nll(chosen_logps, chosen_lengths)
-  losses = nll_share - beta * log_sigmoid_odds
-  metrics = _pair_statistics(beta * chosen_avg, beta * rejected_avg, chosen_avg, rejected_avg)
+  nll_share, nll = _chosen_nll(chosen_logps, chosen_lengths)
+  losses = nll_share - odds_ratio_weight * log_sigmoid_odds
+  metrics = _pair_statistics(odds_ratio_weight * chosen_avg, odds_ratio_weight * rejected_avg,
+                             chosen_avg, rejected_avg)
   extra = {"nll_loss": nll, "log_odds_ratio": jnp.mean(log_sigmoid_odds),
            "log_odds_chosen": jnp.mean(log_odds)}
   metrics.update(jax.tree.map(jax.lax.stop_gradient, extra))
-  return jnp.mean(losses), {**metrics, "losses": losses}
+  return _reduce(losses, reduction), metrics
 
 
-def simpo_loss(chosen_logps: Float[ArrayLike, "*b"], rejected_logps: Float[ArrayLike, "*b"],
-               chosen_lengths: Real[ArrayLike, "*b"], rejected_lengths: Real[ArrayLike, "*b"], *,
+def simpo_loss(chosen_logps: Float[ArrayLike, "*b"], rejected_logps: Float[ArrayLike, "*b"], *,
+               chosen_lengths: Real[ArrayLike, "*b"], rejected_lengths: Real[ArrayLike, "*b"],
                beta: Scalar = 2.0, gamma_beta_ratio: float = 0.25, label_smoothing: float = 0.0,
-               loss_type: Literal["sigmoid", "hinge"] = "sigmoid"
-               ) -> tuple[Float[Array, ""], Metrics]:
+               loss_type: Literal["sigmoid", "hinge"] = "sigmoid",
+               reduction: Reduction = "mean") -> tuple[Float[Array, "*r"], Metrics]:
   r"""SimPO: :math:`-\log\sigma(\beta\log\pi(y_c)/|y_c| - \beta\log\pi(y_r)/|y_r| - \gamma)`.
 
   Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward" (Eq. 6):
@@ -479,14 +499,16 @@ def simpo_loss(chosen_logps: Float[ArrayLike, "*b"], rejected_logps: Float[Array
       training configs tune it per model.
     label_smoothing: ε in [0, 0.5] for ``sigmoid``; must be 0 for ``hinge``.
     loss_type: ``"sigmoid"`` or ``"hinge"``.
+    reduction: ``"mean"`` or ``"none"`` (per-pair losses ``[*b]``).
 
   Returns:
     ``(loss, metrics)``: ``rewards/chosen`` / ``rewards/rejected`` (:math:`\beta\log\pi(y)/|y|`),
     ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen`` / ``logps/rejected`` (means of the
-    length-averaged log-probs, as the paper's code logs them) and ``losses`` of shape ``[*b]``.
+    length-averaged log-probs, as the paper's code logs them).
   """
   _validate.choice("loss_type", loss_type, ("sigmoid", "hinge"))
-  _positive_unless_traced("beta", beta)
+  _validate.choice("reduction", reduction, REDUCTIONS)
+  _validate.positive("beta", beta)
   _validate.non_negative("gamma_beta_ratio", gamma_beta_ratio)
   _check_dpo_label_smoothing((loss_type,), label_smoothing)
   chosen_logps, rejected_logps, chosen_lengths, rejected_lengths = _pair_arrays(
@@ -499,14 +521,14 @@ def simpo_loss(chosen_logps: Float[ArrayLike, "*b"], rejected_logps: Float[Array
   else:
     losses = jax.nn.relu(1 - z)
   metrics = _pair_statistics(beta * chosen_avg, beta * rejected_avg, chosen_avg, rejected_avg)
-  return jnp.mean(losses), {**metrics, "losses": losses}
+  return _reduce(losses, reduction), metrics
 
 
-def cpo_loss(chosen_logps: Float[ArrayLike, "*b"], rejected_logps: Float[ArrayLike, "*b"],
-             chosen_lengths: Real[ArrayLike, "*b"], rejected_lengths: Real[ArrayLike, "*b"], *,
+def cpo_loss(chosen_logps: Float[ArrayLike, "*b"], rejected_logps: Float[ArrayLike, "*b"], *,
+             chosen_lengths: Real[ArrayLike, "*b"], rejected_lengths: Real[ArrayLike, "*b"],
              beta: Scalar = 0.1, loss_type: DpoLossType | Sequence[DpoLossType] = "sigmoid",
-             label_smoothing: float = 0.0, cpo_alpha: float = 1.0
-             ) -> tuple[Float[Array, ""], Metrics]:
+             label_smoothing: float = 0.0, cpo_alpha: float = 1.0,
+             reduction: Reduction = "mean") -> tuple[Float[Array, "*r"], Metrics]:
   r"""CPO: reference-free DPO plus :math:`\alpha\,\mathcal{L}_\text{NLL}(y_c)`.
 
   Xu et al. 2024, "Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in
@@ -526,21 +548,24 @@ def cpo_loss(chosen_logps: Float[ArrayLike, "*b"], rejected_logps: Float[ArrayLi
     loss_type: as in ``dpo_loss``.
     label_smoothing: as in ``dpo_loss``.
     cpo_alpha: :math:`\alpha \ge 0`, the weight of the NLL term (TRL default 1).
+    reduction: ``"mean"`` or ``"none"`` (per pair, ``[*b]``, including each pair's share of
+      :math:`\alpha\,\mathcal{L}_\text{NLL}`).
 
   Returns:
-    ``(loss, metrics)``: ``dpo_loss``'s metrics (rewards are :math:`\beta\log\pi(y)`), ``nll_loss``,
-    and ``losses`` of shape ``[*b]`` including each pair's share of
-    :math:`\alpha\,\mathcal{L}_\text{NLL}`.
+    ``(loss, metrics)``: ``dpo_loss``'s metrics (rewards are :math:`\beta\log\pi(y)`) and
+    ``nll_loss``.
   """
   _validate.non_negative("cpo_alpha", cpo_alpha)
+  _validate.choice("reduction", reduction, REDUCTIONS)
   chosen_logps, rejected_logps, chosen_lengths, rejected_lengths = _pair_arrays(
       chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)
   loss_types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
   lengths = {}
   if any(t in _MAY_USE_LENGTHS for t in loss_types):
     lengths = {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
-  _, metrics = dpo_loss(chosen_logps, rejected_logps, None, None, beta=beta, loss_type=loss_types,
-                        label_smoothing=label_smoothing, **lengths)
-  nll_share, nll = _token_mean_nll(chosen_logps, chosen_lengths)
-  losses = metrics["losses"] + cpo_alpha * nll_share
-  return jnp.mean(losses), {**metrics, "nll_loss": jax.lax.stop_gradient(nll), "losses": losses}
+  pair_losses, metrics = dpo_loss(chosen_logps, rejected_logps, None, None, beta=beta,
+                                  loss_type=loss_types, label_smoothing=label_smoothing,
+                                  reduction="none", **lengths)
+  nll_share, nll = _chosen_nll(chosen_logps, chosen_lengths)
+  losses = pair_losses + cpo_alpha * nll_share
+  return _reduce(losses, reduction), {**metrics, "nll_loss": jax.lax.stop_gradient(nll)}

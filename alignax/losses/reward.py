@@ -1,5 +1,7 @@
 """Pairwise reward-model loss (Bradley-Terry)."""
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
@@ -10,8 +12,9 @@ from alignax import _validate
 def bradley_terry_loss(chosen_scores: Float[ArrayLike, "*b"],
                        rejected_scores: Float[ArrayLike, "*b"], *,
                        margin: float | Float[ArrayLike, "..."] | None = None,
-                       center_coefficient: float = 0.0
-                       ) -> tuple[Float[Array, ""], dict[str, Float[Array, "..."]]]:
+                       center_coefficient: float = 0.0,
+                       reduction: Literal["mean", "none"] = "mean"
+                       ) -> tuple[Float[Array, "*r"], dict[str, Float[Array, ""]]]:
   r"""Bradley-Terry loss :math:`-\log\sigma(r_c - r_r - m) + c\,(r_c + r_r)^2`, mean over pairs.
 
   :math:`r_c, r_r` are the scalar rewards of the chosen and rejected completions. The preference
@@ -25,28 +28,26 @@ def bradley_terry_loss(chosen_scores: Float[ArrayLike, "*b"],
   Args:
     chosen_scores: rewards of the preferred completions, shape ``[*b]``.
     rejected_scores: rewards of the dispreferred completions, same shape.
-    margin: :math:`m`, a number or an array broadcastable to ``[*b]``; ``None`` means 0.
+    margin: :math:`m`, a number (or 0-d array) for every pair, or one per pair with exactly the
+      scores' shape ``[*b]`` (nothing else is broadcast: a ``[B, 1]`` margin against ``[B]``
+      scores is an error, not a ``[B, B]`` loss); ``None`` means 0.
     center_coefficient: :math:`c \ge 0` (TRL recommends 0.01 when used).
+    reduction: ``"mean"`` (scalar) or ``"none"`` (the per-pair losses ``[*b]``, centring term
+      included, with their gradients).
 
   Returns:
-    ``(loss, metrics)`` with TRL's metric names: ``accuracy`` (fraction of pairs with
+    ``(loss, metrics)`` with TRL's scalar metric names: ``accuracy`` (fraction of pairs with
     :math:`r_c > r_r`), ``margin`` (mean :math:`r_c - r_r`), ``min_reward`` / ``mean_reward`` /
-    ``max_reward`` over both completions, and ``losses``, the per-pair loss of shape ``[*b]``
-    (centring term included) whose mean is ``loss``.
+    ``max_reward`` over both completions.
   """
   _validate.non_negative("center_coefficient", center_coefficient)
+  _validate.choice("reduction", reduction, ("mean", "none"))
   chosen_scores = jnp.asarray(chosen_scores)
   rejected_scores = jnp.asarray(rejected_scores)
   shape = _validate.same_shape({"chosen_scores": chosen_scores, "rejected_scores": rejected_scores})
   diff = chosen_scores - rejected_scores
   if margin is not None:
-    margin = jnp.asarray(margin)
-    try:
-      jnp.broadcast_shapes(margin.shape, shape)
-    except ValueError:
-      raise ValueError(f"margin of shape {list(margin.shape)} does not broadcast to the scores' "
-                       f"shape {list(shape)}") from None
-    diff = diff - margin
+    diff = diff - _validate.scalar_or_shape("margin", margin, shape, "the scores")
   losses = -jax.nn.log_sigmoid(diff)
   if center_coefficient:
     losses = losses + center_coefficient * jnp.square(chosen_scores + rejected_scores)
@@ -58,6 +59,5 @@ def bradley_terry_loss(chosen_scores: Float[ArrayLike, "*b"],
       "mean_reward": jnp.mean(both),
       "max_reward": jnp.max(both),
   }
-  # `losses` keeps its gradient so callers can re-weight pairs; the statistics are for logging.
-  metrics = {**jax.tree.map(jax.lax.stop_gradient, stats), "losses": losses}
-  return jnp.mean(losses), metrics
+  metrics = jax.tree.map(jax.lax.stop_gradient, stats)
+  return (losses if reduction == "none" else jnp.mean(losses)), metrics

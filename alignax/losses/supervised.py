@@ -4,21 +4,81 @@ The direct preference objectives (``dpo_loss``, ``orpo_loss``, ``simpo_loss``, .
 per completion, :math:`\log\pi(y\mid x) = \sum_t m_t \log\pi(y_t\mid x, y_{<t})`, together with the
 completion length :math:`|y| = \sum_t m_t` where they length-normalise. ``sequence_logprobs`` makes
 that number from per-token log-probs and a completion mask; ``alignax.aggregation.masked_count(mask,
-axis=-1)`` gives the length.
+axis=-1)`` gives the length. ``next_token_targets`` turns a tokenized batch into the targets and the
+loss mask all of them take.
 """
 
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, Float
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from alignax import _validate
 from alignax.aggregation import AGG_MODES, AggMode, aggregate, masked_count, masked_mean, masked_sum
 
 
+AttentionMask = Bool[ArrayLike, "*b T"] | Int[ArrayLike, "*b T"]
+
+
 def _check_tokens(name: str, x: Array, mask: Array) -> None:
   _validate.min_rank(name, x, 1, "[*b, T]")
+  _validate.bool_mask("mask", mask)
   _validate.same_shape({name: x, "mask": mask})
-  if mask.dtype != jnp.bool_:
-    raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
+
+
+def next_token_targets(input_ids: Int[ArrayLike, "*b T"], attention_mask: AttentionMask, *,
+                       completion_mask: AttentionMask | None = None,
+                       segment_ids: Int[ArrayLike, "*b T"] | None = None
+                       ) -> tuple[Int[Array, "*b T"], Bool[Array, "*b T"]]:
+  r"""Next-token targets and loss mask of a causal LM batch: the shift everybody writes by hand.
+
+  The logits at position :math:`t` predict token :math:`t+1`, so :math:`y_t` =
+  ``input_ids[..., t+1]`` (the last column, which predicts nothing, is 0) and position :math:`t` is
+  trained on iff
+
+  * :math:`t` and :math:`t+1` are both real tokens (``attention_mask``; left or right padding),
+  * :math:`t+1` is a completion token, when ``completion_mask`` is given (prompt tokens are not
+    trained on; TRL's ``completion_only_loss``),
+  * :math:`t` and :math:`t+1` belong to the same sequence, when ``segment_ids`` is given (packing:
+    the last token of one sequence does not predict the first of the next).
+
+  Feed ``targets`` to ``alignax.token_logprobs`` with the model's hidden states, then
+  ``sft_loss(logp, loss_mask)``, ``sequence_logprobs(logp, loss_mask)`` or a policy loss.
+
+  Masks: ``attention_mask`` and ``completion_mask`` are attention-style, boolean or 0/1 integers
+  (the tokenizer's arrays); the returned ``loss_mask`` is boolean, as every loss in alignax
+  requires.
+
+  Args:
+    input_ids: integer token ids ``[*b, T]``.
+    attention_mask: ``[*b, T]``, true (or 1) on real tokens.
+    completion_mask: ``[*b, T]``, true (or 1) on completion tokens, or ``None`` (train on every
+      real token after the first).
+    segment_ids: integer ``[*b, T]`` sequence ids of a packed batch, or ``None``.
+
+  Returns:
+    ``(targets, loss_mask)``: ``int32`` targets and a boolean mask, both ``[*b, T]``.
+  """
+  input_ids = _validate.integer_array("input_ids", input_ids)
+  _validate.min_rank("input_ids", input_ids, 1, "[*b, T]")
+  attention_mask = _validate.attention_mask("attention_mask", attention_mask)
+  if completion_mask is not None:
+    completion_mask = _validate.attention_mask("completion_mask", completion_mask)
+  if segment_ids is not None:
+    segment_ids = _validate.integer_array("segment_ids", segment_ids)
+  _validate.same_shape({"input_ids": input_ids, "attention_mask": attention_mask,
+                        "completion_mask": completion_mask, "segment_ids": segment_ids})
+
+  def shift(x: Array) -> Array:
+    """``x[..., t+1]`` at ``t``, with a zero/False last column."""
+    return jnp.concatenate([x[..., 1:], jnp.zeros_like(x[..., :1])], axis=-1)
+
+  targets = shift(input_ids.astype(jnp.int32))
+  loss_mask = attention_mask & shift(attention_mask)
+  if completion_mask is not None:
+    loss_mask = loss_mask & shift(completion_mask)
+  if segment_ids is not None:
+    # The shifted last column compares against 0 here, but the attention term already drops it.
+    loss_mask = loss_mask & (segment_ids == shift(segment_ids))
+  return targets, loss_mask
 
 
 def sequence_logprobs(token_logp: Float[ArrayLike, "*b T"], mask: Bool[ArrayLike, "*b T"], *,
@@ -69,5 +129,5 @@ def sft_loss(logp: Float[ArrayLike, "*b T"], mask: Bool[ArrayLike, "*b T"], *,
   logp, mask = jnp.asarray(logp), jnp.asarray(mask)
   _validate.choice("loss_agg_mode", loss_agg_mode, AGG_MODES)
   _check_tokens("logp", logp, mask)
-  loss = aggregate(-logp, mask, mode=loss_agg_mode, max_len=max_len)
+  loss = aggregate(-logp, mask, loss_agg_mode=loss_agg_mode, max_len=max_len)
   return loss, {"num_tokens": masked_count(mask)}

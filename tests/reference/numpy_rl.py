@@ -87,7 +87,7 @@ def discounted_returns(rewards, mask, gamma):
 
 
 def group_advantages(rewards, scale="group", leave_one_out=False, ddof=1, eps=1e-6):
-  """GRPO (group z-score), Dr. GRPO (no std), RLOO (leave-one-out), batch-std scaling."""
+  """GRPO (group z-score), Dr. GRPO (no std), RLOO (leave-one-out), TRL batch-std scaling."""
   rewards = np.asarray(rewards, np.float64)
   num_prompts, group = rewards.shape
   centred = np.zeros_like(rewards)
@@ -106,7 +106,8 @@ def group_advantages(rewards, scale="group", leave_one_out=False, ddof=1, eps=1e
     return centred
   if scale == "group":
     return centred / (group_std[:, None] + eps)
-  flat = list(centred.ravel())
+  # TRL scale_rewards="batch": the group-centred rewards over the std of the raw rewards.
+  flat = list(rewards.ravel())
   mean = sum(flat) / len(flat)
   batch_std = math.sqrt(sum((a - mean) ** 2 for a in flat) / max(len(flat) - ddof, 1))
   return centred / (batch_std + eps)
@@ -201,10 +202,10 @@ def gspo_sequence_objective(logp, old_logp, adv, mask, eps_low, eps_high):
   return sum(losses) / len(losses)
 
 
-def cispo_token(logp, old_logp, adv, eps_high):
-  """MiniMax-M1 Eq. 4, value only: -min(r, 1 + eps_high) * A * log pi."""
+def cispo_token(logp, old_logp, adv, max_weight):
+  """MiniMax-M1 Eq. 4, value only, with TRL's absolute cap: -min(r, max_weight) * A * log pi."""
   r = math.exp(logp - old_logp)
-  return -min(r, 1 + eps_high) * adv * logp
+  return -min(r, max_weight) * adv * logp
 
 
 def grpo_objective(logp, old_logp, ref_logp, adv, mask, eps_low, eps_high, beta, mode,
