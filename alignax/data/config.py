@@ -3,6 +3,7 @@
 over."""
 
 import dataclasses
+import os
 from typing import Literal
 
 from alignax import _validate
@@ -34,7 +35,8 @@ class DataConfig:
     completion_only_loss: for prompt-completion SFT data, put only completion tokens in the loss
       mask; None means True (TRL's default).
     assistant_only_loss: for conversational language-modelling data (``messages``), put only the
-      assistant turns in the loss mask (needs a chat template with ``{% generation %}`` blocks).
+      assistant turns in the loss mask (needs a chat template with ``{% generation %}`` blocks;
+      plain-text rows are an error).
     packing: pack SFT examples first-fit into rows of ``max_length`` tokens with segment ids.
     packing_bins: rows filled at once when packing (more bins, less padding); None = batch size.
     pad_to_multiple_of: pad each batch's length up to a multiple of this (capped at
@@ -42,9 +44,11 @@ class DataConfig:
     padding_buckets: ``pow2`` pads each batch's length to the next power of two (capped at
       ``max_length``), so a jitted step compiles once per bucket instead of once per length;
       ``max_length`` always pads to ``max_length`` (one shape).
-    seed: seeds the shuffle (the same order on every host, then each takes its own slice).
+    seed: seeds the shuffle, in ``[0, 2**32)`` (the same order on every host, then each takes
+      its own slice, so the hosts' batches together are the one-host batch).
     shuffle: shuffle the examples (a new order every epoch).
-    dataloader_drop_last: drop a last incomplete batch so every step has the same batch size.
+    dataloader_drop_last: drop a last incomplete batch so every step has the same batch size
+      (data too small for one full batch is then an error rather than an empty epoch).
     skip_invalid: skip bad rows and count them (``PreparedDataset.skipped``) instead of raising
       :class:`~alignax.data.DataError`.
   """
@@ -73,6 +77,23 @@ class DataConfig:
   skip_invalid: bool = False
 
   def __post_init__(self):
+    # A YAML or hand-written config can hold "false" where a bool belongs, which is truthy: check
+    # the types rather than let packing="false" pack.
+    flags = ("assistant_only_loss", "packing", "shuffle", "dataloader_drop_last", "skip_invalid")
+    for name in flags:
+      _check_type(name, getattr(self, name), bool, "a bool")
+    _check_type(
+      "completion_only_loss", self.completion_only_loss, (bool, type(None)), "a bool or None"
+    )
+    _check_type(
+      "dataset_name", self.dataset_name, (str, os.PathLike, type(None)), "a path, a name or None"
+    )
+    _check_type("dataset_config", self.dataset_config, (str, type(None)), "a string or None")
+    for name in ("dataset_train_split", "dataset_test_split", "dataset_text_field"):
+      value = getattr(self, name)
+      _check_type(name, value, str, "a non-empty string")
+      if not value:
+        raise ValueError(f"{name} must be a non-empty string, got ''")
     _validate.choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
     _validate.choice("padding_buckets", self.padding_buckets, PADDING_BUCKETS)
     for name in ("max_length", "max_prompt_length", "packing_bins", "pad_to_multiple_of"):
@@ -85,3 +106,10 @@ class DataConfig:
       raise ValueError("padding_buckets='max_length' needs max_length")
     if isinstance(self.seed, bool) or not isinstance(self.seed, int):
       raise ValueError(f"seed must be an int, got {self.seed!r}")
+    if not 0 <= self.seed < 2**32:
+      raise ValueError(f"seed must lie in [0, 2**32) (grain's shuffle seeds), got {self.seed}")
+
+
+def _check_type(name: str, value, types, expected: str) -> None:
+  if not isinstance(value, types):
+    raise ValueError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")

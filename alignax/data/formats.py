@@ -21,7 +21,11 @@ Tokenisation follows TRL: a conversational prompt is rendered with ``add_generat
 and the completion is the rest of the rendered conversation (the template writes the end-of-turn
 tokens); a plain prompt is tokenised with the tokenizer's special tokens (BOS where it adds one) and
 a plain completion gets the EOS token appended. Prompt and completion are tokenised separately, so
-the completion mask is exact: 1 on every completion token, 0 on the prompt.
+the completion mask is exact: 1 on every completion token, 0 on the prompt, and the prompt's ids
+are a prefix of the example's (before truncation). Where a BPE merge would cross the boundary (a
+completion that continues the prompt's last word) the example's ids differ from tokenising the
+joined text, as in TRL's DPO; a chat template that renders the prompt differently once the
+completion follows is an error naming the row.
 
 Implicit prompts: for conversations the prompt is the longest common prefix of the two message
 lists (TRL's ``extract_prompt``); for plain text it is the longest common character prefix, moved
@@ -38,6 +42,7 @@ from typing import Any, Literal, NoReturn
 import numpy as np
 import transformers
 
+from alignax import _validate
 from alignax.data.config import DataConfig
 from alignax.data.sources import DataError, Row
 
@@ -116,14 +121,24 @@ def truncate(
   Returns:
     ``(input_ids, completion_mask)``, each at most ``max_length`` long.
   """
+  if truncation_mode not in ("keep_start", "keep_end"):
+    raise ValueError(
+      f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}"
+    )
+  if max_length is not None:
+    # max_length=0 would make keep_end's ids[-0:] keep everything.
+    _validate.positive_int("max_length", max_length)
+  if len(input_ids) != len(completion_mask):
+    raise ValueError(
+      f"input_ids ({len(input_ids)} tokens) and completion_mask ({len(completion_mask)}) differ "
+      "in length"
+    )
   ids, mask = list(input_ids), list(completion_mask)
   if max_length is None or len(ids) <= max_length:
     return ids, mask
   if truncation_mode == "keep_start":
     return ids[:max_length], mask[:max_length]
-  if truncation_mode == "keep_end":
-    return ids[-max_length:], mask[-max_length:]
-  raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
+  return ids[-max_length:], mask[-max_length:]
 
 
 def _columns(rows: Sequence[Row]) -> set[str]:
@@ -290,6 +305,13 @@ class _Encoder:
   ) -> tuple[list[int], list[int]]:
     """A language-modelling row as ``(input_ids, loss_mask)``."""
     if isinstance(value, str):
+      if assistant_only:
+        ctx.fail(
+          field,
+          "assistant_only_loss=True needs conversational rows ('messages'), but this row is "
+          "plain text, which has no assistant turns",
+          "wrong_type",
+        )
       ids = self._ids(value, special=True) + [self.tokenizer.eos_token_id]
       return ids, [1] * len(ids)
     if not assistant_only:
@@ -354,15 +376,24 @@ class _Builder:
     return conversational
 
   def _cut(
-    self, ctx: _RowContext, field: str, ids: list[int], mask: list[int]
+    self,
+    ctx: _RowContext,
+    field: str,
+    ids: list[int],
+    mask: list[int],
+    completion: list[int] | None = None,
   ) -> tuple[np.ndarray, np.ndarray]:
+    """Truncates ``ids`` and the loss ``mask``; fails when no ``completion`` token (default: no
+    loss token) is left. The two differ under ``completion_only_loss=False``, where the prompt is
+    in the loss but a row cut down to its prompt has still lost its whole completion."""
     max_length = self.config.max_length
+    completion = mask if completion is None else completion
     if max_length is not None and len(ids) > max_length:
       self.num_truncated += 1
-      ids, mask = truncate(
-        ids, mask, max_length=max_length, truncation_mode=self.config.truncation_mode
-      )
-    if not any(mask):
+      mode = self.config.truncation_mode
+      _, completion = truncate(ids, completion, max_length=max_length, truncation_mode=mode)
+      ids, mask = truncate(ids, mask, max_length=max_length, truncation_mode=mode)
+    if not any(completion):
       ctx.fail(
         field,
         f"the prompt leaves no room for any completion token within max_length={max_length} "
@@ -374,11 +405,17 @@ class _Builder:
   def _pair_example(
     self, ctx: _RowContext, prompt: Any, completion: Any, field: str, *, completion_only: bool
   ) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(completion, list) and all(
+      not m["content"] and not m.get("tool_calls") for m in completion
+    ):
+      # The template would still write the end-of-turn tokens: an answer of nothing but those.
+      ctx.fail(field, "empty completion: every message has empty content", "empty")
     prompt_ids, completion_ids = self.encoder.pair(ctx, prompt, completion, field)
     if not completion_ids:
       ctx.fail(field, "tokenises to no token", "empty")
-    mask = [0 if completion_only else 1] * len(prompt_ids) + [1] * len(completion_ids)
-    return self._cut(ctx, field, prompt_ids + completion_ids, mask)
+    is_completion = [0] * len(prompt_ids) + [1] * len(completion_ids)
+    mask = is_completion if completion_only else [1] * len(is_completion)
+    return self._cut(ctx, field, prompt_ids + completion_ids, mask, is_completion)
 
   def _preference_triple(self, ctx: _RowContext) -> tuple[Any, Any, Any]:
     """``(prompt, chosen, rejected)``, extracting an implicit prompt."""
@@ -413,6 +450,8 @@ class _Builder:
     if fmt == "language_modeling":
       field = "messages" if "messages" in self.columns else self.config.dataset_text_field
       value = _text_or_messages(ctx, field)
+      if field == "messages" and isinstance(value, str):
+        ctx.fail(field, "must be a list of {role, content} messages, got a string", "bad_messages")
       self._style(ctx, {field: value})
       ids, mask = self.encoder.sequence(
         ctx, field, value, assistant_only=self.config.assistant_only_loss
@@ -515,6 +554,22 @@ def prepare_dataset(
   if not rows:
     raise DataError("the dataset has no rows", source=source, kind="empty_dataset")
   columns = _columns(rows)
+  unreadable = [row.error for row in rows if row.error is not None]
+  if not columns and unreadable:
+    # No row could be read, so there are no columns to detect a format from: the rows' own errors
+    # (bad JSON, ...) are the news, not "columns [] fit no format".
+    if not config.skip_invalid:
+      raise unreadable[0]
+    if len(unreadable) == len(rows):
+      for error in unreadable:
+        if on_skip is not None:
+          on_skip(error)
+      counts = dict(Counter(error.kind for error in unreadable))
+      raise DataError(
+        f"no usable row: all {len(rows)} were skipped ({counts})",
+        source=source,
+        kind="empty_dataset",
+      )
   fmt = detect_format(columns, task, config=config, source=source)
   pad_token_id = tokenizer.pad_token_id
   if pad_token_id is None:

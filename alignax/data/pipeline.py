@@ -1,7 +1,9 @@
 """grain pipelines from prepared examples to fixed-shape NumPy batches, with exact resume.
 
-``make_batches`` builds ``MapDataset.source(examples)[host slice].shuffle(seed).repeat(epochs)``,
-then packs (SFT, ``packing=True``) or pads each batch to a length bucket. Iterate it with
+``make_batches`` builds ``MapDataset.source(examples).shuffle(seed).repeat(epochs)``, batches it
+in global batches of ``batch_size * process_count`` rows padded to a length bucket, and keeps this
+host's block of rows; or (SFT, ``packing=True``) takes this host's every ``process_count``-th
+example and packs those. Iterate it with
 ``it = iter(batches)``; ``it.get_state()`` is a small JSON-serialisable dict and
 ``it.set_state(state)`` on a fresh iterator continues with exactly the batches the uninterrupted
 iterator would have produced (grain's ``checkpoint.CheckpointSave`` stores it in an orbax
@@ -192,7 +194,8 @@ def collate_packed(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarra
 def host_slice(num_examples: int, *, process_index: int, process_count: int) -> slice:
   """This host's share: every ``process_count``-th example from ``process_index``, after dropping
   the ``num_examples % process_count`` last ones so every host gets as many (and so as many
-  batches, keeping multi-host steps in lockstep)."""
+  batches, keeping multi-host steps in lockstep). :func:`make_batches` takes it from the shuffled
+  order for packed data, so the examples left out change every epoch."""
   _validate.positive_int("process_count", process_count)
   if isinstance(process_index, bool) or not isinstance(process_index, int):
     raise ValueError(f"process_index must be an int, got {process_index!r}")
@@ -209,7 +212,9 @@ def host_slice(num_examples: int, *, process_index: int, process_count: int) -> 
 def steps_per_epoch(
   num_examples: int, *, batch_size: int, process_count: int = 1, drop_last: bool = True
 ) -> int:
-  """Batches per host per epoch without packing (with packing it depends on the lengths)."""
+  """Batches per host in one epoch without packing (with packing it depends on the lengths);
+  with several epochs a batch may straddle two, so ``num_epochs`` epochs give
+  ``steps_per_epoch(num_epochs * num_examples, ...)`` batches."""
   per_host = num_examples // process_count
   return per_host // batch_size if drop_last else -(-per_host // batch_size)
 
@@ -229,33 +234,56 @@ def make_batches(
   Args:
     dataset: from :func:`alignax.data.prepare_dataset`.
     batch_size: rows per batch on this host (the global batch is ``batch_size * process_count``);
-      packed SFT rows count as rows.
+      packed SFT rows count as rows. Unpacked, host ``i`` gets rows ``[i * batch_size, (i + 1) *
+      batch_size)`` of the global batch, padded to the global batch's bucket, so every host's
+      arrays have one shape and together, in process order, equal the one-host batch of
+      ``batch_size * process_count`` rows (KTO's KL rows included).
     config: ``seed``, ``shuffle``, ``packing``, ``packing_bins``, padding buckets,
       ``dataloader_drop_last``.
     num_epochs: passes over the data; None repeats forever (stop at ``max_steps``). Each epoch is
       shuffled anew; a batch may straddle two epochs.
     process_index: this host (``jax.process_index()``).
-    process_count: hosts (``jax.process_count()``). Every host gets as many examples; packed
-      rows per host still differ, so multi-host packed runs stop at ``max_steps`` (``num_epochs``
-      None) rather than at the end of the data.
+    process_count: hosts (``jax.process_count()``). Every host gets as many batches (with
+      ``dataloader_drop_last=False`` the last global batch loses its ``rows % process_count``
+      last rows). Packed, each host packs every ``process_count``-th example of the shuffled
+      order (``num_examples % process_count`` are left out each epoch) and packed rows per host
+      differ, so multi-host packed runs stop at ``max_steps`` (``num_epochs`` None) rather than
+      at the end of the data.
     prefetch_batches: batches prepared ahead on a background thread (0: none); the iterator state
       still counts only the batches consumed, so resume stays exact.
 
   Returns:
     ``grain.IterDataset``; ``iter()`` it for a checkpointable iterator.
+
+  Raises:
+    ValueError: packing non-SFT data; ``num_epochs`` epochs that make no full batch under
+      ``dataloader_drop_last``; prompts bucketed to ``max_length`` without
+      ``max_prompt_length``; fewer examples than hosts.
   """
   _validate.positive_int("batch_size", batch_size)
   if num_epochs is not None:
     _validate.positive_int("num_epochs", num_epochs)
   if config.packing and dataset.task != "sft":
     raise ValueError(f"packing applies to SFT data only, not to {dataset.task!r}")
+  if (
+    dataset.task == "prompt"
+    and config.padding_buckets == "max_length"
+    and config.pad_to_multiple_of is None
+    and config.max_prompt_length is None
+  ):
+    raise ValueError(
+      "padding_buckets='max_length' pads prompts to max_prompt_length, which is not set; set "
+      "max_prompt_length or use padding_buckets='pow2'"
+    )
   ds = grain.MapDataset.source(dataset.examples)
-  ds = ds[host_slice(len(ds), process_index=process_index, process_count=process_count)]
+  hosts = host_slice(len(ds), process_index=process_index, process_count=process_count)
+  # Every host draws the same order (the same seed; grain reshuffles epoch e with seed + e).
   if config.shuffle:
     ds = ds.shuffle(seed=config.seed)
-  ds = ds.repeat(num_epochs)
   drop = config.dataloader_drop_last
   if config.packing:
+    # Packing runs on each host, so each host packs its own every-`process_count`-th example.
+    ds = ds[hosts].repeat(num_epochs)
     length = config.max_length
     features = ds.map(
       lambda e: {"input_ids": e["input_ids"], "completion_mask": e["completion_mask"]}
@@ -274,9 +302,50 @@ def make_batches(
     "preference": collate_preference,
     "prompt": collate_prompts,
   }[dataset.task]
-  batch_fn = functools.partial(collate, pad_token_id=dataset.pad_token_id, config=config)
-  batches = ds.batch(batch_size, drop_remainder=drop, batch_fn=batch_fn).to_iter_dataset()
-  return _prefetch(batches, prefetch_batches)
+  # Every host collates the whole global batch and keeps its own block of rows: the padded
+  # length then comes from the longest row of the global batch, so all hosts produce one shape
+  # (the global array needs it), and their blocks in process order are the one-host batch of
+  # `batch_size * process_count` rows.
+  ds = ds.repeat(num_epochs)
+  total = len(ds) if num_epochs is not None else None
+  if total is not None and drop and total < batch_size * process_count:
+    raise ValueError(
+      f"{total} examples ({num_epochs} epoch(s) of {len(dataset)}) make no full batch of "
+      f"batch_size={batch_size} x {process_count} host(s), and dataloader_drop_last=True "
+      "would drop them all"
+    )
+  if total is not None and not drop and total % process_count:
+    # A last partial global batch must split evenly too.
+    ds = ds[: total - total % process_count]
+  batch_fn = functools.partial(
+    _host_block,
+    collate=functools.partial(collate, pad_token_id=dataset.pad_token_id, config=config),
+    process_index=process_index,
+    process_count=process_count,
+  )
+  batches = ds.batch(batch_size * process_count, drop_remainder=drop, batch_fn=batch_fn)
+  return _prefetch(batches.to_iter_dataset(), prefetch_batches)
+
+
+def _host_block(
+  examples: Sequence[Example], *, collate, process_index: int, process_count: int
+) -> dict[str, Any]:
+  """Rows ``[i * n, (i + 1) * n)`` (``n = len(examples) / process_count``) of the collated
+  global batch, for host ``i``."""
+  batch = collate(examples)
+  if process_count == 1:
+    return batch
+  n = len(examples) // process_count
+  rows = slice(process_index * n, (process_index + 1) * n)
+  out: dict[str, Any] = {}
+  for key, value in batch.items():
+    if key == "extras":
+      out[key] = {name: column[rows] for name, column in value.items()}
+    elif value.ndim == 3:  # preference [2, B, T]: the pair axis stays whole
+      out[key] = value[:, rows]
+    else:
+      out[key] = value[rows]
+  return out
 
 
 def _prefetch(batches: grain.IterDataset, prefetch_batches: int) -> grain.IterDataset:

@@ -181,6 +181,13 @@ def _read_file(path: Path) -> list[Row]:
   )
 
 
+def _split_names(path: Path, root: Path) -> set[str]:
+  """The names a file is filed under: its folders and its name up to the first ``-`` or ``.``
+  (``data/train_sft-00000-of-00003.parquet`` -> ``{"data", "train_sft"}``)."""
+  relative = path.relative_to(root)
+  return {*relative.parent.parts, path.name.split(".")[0].split("-")[0]}
+
+
 def _split_of(path: Path, root: Path) -> str | None:
   """The split a file belongs to by its name or folder (``train.jsonl``, ``test-00000.parquet``,
   ``validation/part0.json``), or None."""
@@ -192,15 +199,33 @@ def _split_of(path: Path, root: Path) -> str | None:
   return None
 
 
+def _is_hidden(relative: Path) -> bool:
+  """Files under ``.``- or ``__``-prefixed names (``.ipynb_checkpoints/train-checkpoint.jsonl``,
+  ``.cache/``, ``__pycache__``) are not data, as ``datasets`` also skips them: read, they would
+  duplicate rows silently."""
+  return any(part.startswith((".", "__")) for part in relative.parts)
+
+
 def _split_files(directory: Path, split: str | None) -> list[Path]:
   suffixes = _JSON_SUFFIXES + _PARQUET_SUFFIXES
-  files = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix in suffixes)
+  files = sorted(
+    p
+    for p in directory.rglob("*")
+    if p.is_file() and p.suffix in suffixes and not _is_hidden(p.relative_to(directory))
+  )
   if not files:
     raise DataError(
       f"no data files ({', '.join(suffixes)}) in the directory",
       source=str(directory),
       kind="unsupported_source",
     )
+  if split is not None and split not in _KNOWN_SPLITS:
+    # A split that is no keyword is looked up by its exact name (a hub snapshot's
+    # data/train_sft-00000-of-00003.parquet for --dataset_train_split train_sft); the keyword
+    # match below would read train_sft and train_gen both as "train" and find no "train_sft".
+    exact = [p for p in files if split in _split_names(p, directory)]
+    if exact:
+      return exact
   splits = {p: _split_of(p, directory) for p in files}
   if all(s is None for s in splits.values()):
     # No file is named after a split: the whole directory is the training split.
@@ -236,6 +261,18 @@ def _rows_from_hf(dataset: Any, source: str) -> list[Row]:
   return _rows_from_records(source, iter(dataset))
 
 
+def _only_train_split(source: Path, split: str | None, what: str) -> None:
+  """A single file (or a saved single ``Dataset``) is the train split, as ``datasets`` makes it;
+  reading it for another split would silently evaluate on the training rows."""
+  if split not in (None, "train"):
+    raise DataError(
+      f"split {split!r} requested, but {what} holds only a train split; give a directory with "
+      "files named after their splits (train.jsonl, test.jsonl, ...)",
+      source=str(source),
+      kind="missing_split",
+    )
+
+
 def _load_from_disk(directory: Path, split: str | None) -> list[Row]:
   datasets = _import_datasets(f"reading the saved dataset {str(directory)!r}")
   loaded = datasets.load_from_disk(str(directory))
@@ -248,6 +285,7 @@ def _load_from_disk(directory: Path, split: str | None) -> list[Row]:
         kind="missing_split",
       )
     return _rows_from_hf(loaded[wanted], f"{directory}[{wanted}]")
+  _only_train_split(directory, split, "a saved Dataset (not a DatasetDict)")
   return _rows_from_hf(loaded, str(directory))
 
 
@@ -290,10 +328,13 @@ def load_rows(
   Args:
     source: one of
       - a list of dicts (in-memory rows; reported as ``<rows>``);
-      - a ``.jsonl`` / ``.json`` / ``.parquet`` file;
-      - a directory of such files: with files named after splits (``train.jsonl``,
-        ``test-00000-of-00001.parquet``, or a ``validation/`` folder) the ``split`` picks them,
-        otherwise every file is the train split; files are read in sorted path order;
+      - a ``.jsonl`` / ``.json`` / ``.parquet`` file (the train split only);
+      - a directory of such files (``.``- and ``__``-prefixed names skipped, as ``datasets``
+        does): with files named after splits (``train.jsonl``,
+        ``test-00000-of-00001.parquet``, or a ``validation/`` folder) the ``split`` picks them
+        and files named after no split are ignored (as ``datasets`` does; a split that is no
+        keyword, like ``train_sft``, is matched by its exact name); otherwise every file is the
+        train split; files are read in sorted path order;
       - a directory written by ``datasets.Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``;
       - anything else is a hub dataset name, loaded with ``datasets.load_dataset(source,
         config_name, split=split)`` where a network exists.
@@ -306,7 +347,7 @@ def load_rows(
 
   Raises:
     DataError: a whole-file problem (a ``.json`` document that does not parse, a missing split,
-      an unreachable hub).
+      a source with no rows, an unreachable hub).
     ImportError: Parquet without ``pyarrow``, a saved or hub dataset without ``datasets``.
   """
   if not isinstance(source, (str, os.PathLike)):
@@ -315,19 +356,23 @@ def load_rows(
         f"source must be a path, a dataset name or a list of dicts, got {type(source).__name__}"
       )
     return _rows_from_records(_IN_MEMORY, source)
-  path = Path(source)
+  path = Path(source).expanduser()  # a YAML config's "~/data" reaches us unexpanded
   if path.is_file():
-    return _read_file(path)
-  if path.is_dir():
+    _only_train_split(path, split, "a single file")
+    rows = _read_file(path)
+  elif path.is_dir():
     if _is_saved_hf_dataset(path):
-      return _load_from_disk(path, split)
-    rows = []
-    for file in _split_files(path, split):
-      rows.extend(_read_file(file))
-    return rows
-  looks_local = str(source).startswith((".", "/", "~")) or Path(source).suffix in (
-    _JSON_SUFFIXES + _PARQUET_SUFFIXES
-  )
-  if looks_local:
-    raise FileNotFoundError(f"dataset path {str(source)!r} does not exist")
-  return _load_from_hub(str(source), config_name, split)
+      rows = _load_from_disk(path, split)
+    else:
+      rows = [row for file in _split_files(path, split) for row in _read_file(file)]
+  else:
+    looks_local = str(source).startswith((".", "/", "~")) or path.suffix in (
+      _JSON_SUFFIXES + _PARQUET_SUFFIXES
+    )
+    if looks_local:
+      raise FileNotFoundError(f"dataset path {str(source)!r} does not exist")
+    rows = _load_from_hub(str(source), config_name, split)
+  if not rows:
+    # Named here: past this point an empty list no longer knows which source it came from.
+    raise DataError("no rows (the source is empty)", source=str(source), kind="empty_dataset")
+  return rows
