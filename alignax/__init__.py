@@ -46,6 +46,7 @@ _export("alignax.losses.preference", "DPO_LOSS_TYPES", "DpoLossType", "cpo_loss"
 # --- layer 0: fused LM-head kernels
 _export("alignax.kernels", "KLStats", "LMHead", "TokenLogprobs", "VocabStats", "token_kl",
         "token_logprobs")
+_export("alignax.kernels.attention", "attention")
 # --- layer 2: models
 _export("alignax.models", "CausalLM", "DecoderConfig", "RewardModel", "ValueModel",
         "from_pretrained", "save_pretrained", "LoRAConfig", "LoRAParam", "apply_lora", "load_lora",

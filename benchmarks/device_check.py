@@ -1,0 +1,272 @@
+"""Accelerator checks of the attention and log-prob kernels, run by ``benchmarks/device_check.sh``.
+
+Four sections, each recorded in one JSON document (``--out``/device_check.json):
+
+  values  every attention implementation against the dense oracle (``impl="reference"``, fp32 at
+          HIGHEST precision on the same rounded inputs): output and dq, dk, dv, as the largest
+          error relative to the largest oracle magnitude, at a few shapes (odd lengths, padding,
+          GQA); and the log-prob kernels (``impl="pallas"`` and ``"chunked"``) against
+          ``impl="reference"`` (log p, entropy, d hidden, d head);
+  speed   forward + backward of one causal attention layer (Llama-3.1-8B heads: H 32, K 8, hd 128,
+          bf16) per implementation: median of timed runs, each ending in ``block_until_ready``;
+  memory  ``memory_analysis()`` temporaries of that forward + backward at T = 8k, 16k, 32k;
+  status  which implementations ran, which were skipped and why.
+
+A table of the results is printed last. ``--cpu-dry-run`` runs everything at tiny sizes on the CPU
+(the GPU-only implementations, cuDNN and the Triton kernel, are skipped with the reason printed), so
+the script itself is tested before device time is spent on it.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alignax.kernels import token_logprobs
+from alignax.kernels.attention import attention
+
+GPU_ONLY = {"cudnn": "cuDNN runs on NVIDIA GPUs only",
+            "pallas_gpu": "the Triton kernel runs on GPUs only (interpret mode is tested on CPU)"}
+
+
+def _log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def _error(actual, expected) -> float:
+  actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+  if not np.all(np.isfinite(actual)):
+    return float("inf")
+  return float(np.max(np.abs(actual - expected)) / max(float(np.max(np.abs(expected))), 1e-6))
+
+
+def _attention_grad_fn(impl, options):
+  def loss(q, k, v, cotangent):
+    out = attention(q, k, v, impl=impl, **options)
+    return jnp.sum(out.astype(jnp.float32) * cotangent), out
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+def _attention_inputs(shape, dtype, seed=0):
+  b, t, h, kv_heads, hd = shape
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], (b, t, h, hd), jnp.float32).astype(dtype)
+  k = jax.random.normal(keys[1], (b, t, kv_heads, hd), jnp.float32).astype(dtype)
+  v = jax.random.normal(keys[2], (b, t, kv_heads, hd), jnp.float32).astype(dtype)
+  return q, k, v, jax.random.normal(keys[3], (b, t, h, hd), jnp.float32)
+
+
+def _value_cases(dry_run: bool) -> list[dict]:
+  """(name, shape, dtype, options) of the correctness cases; ``valid_rows`` masks the rows whose
+  outputs the Pallas paths leave at 0 (padding queries)."""
+  t = 45 if dry_run else 1000  # not a multiple of any block
+  b, h, kv_heads, hd = (2, 4, 2, 16) if dry_run else (2, 16, 4, 128)
+  right = jnp.arange(t)[None, :] < jnp.array([[t], [t - 7]])
+  cases = []
+  for dtype in ("bfloat16", "float32"):
+    cases.append({"name": f"causal_{dtype}", "shape": (b, t, h, kv_heads, hd), "dtype": dtype,
+                  "options": {}})
+  cases.append({"name": "causal_right_padding_bfloat16", "shape": (b, t, h, kv_heads, hd),
+                "dtype": "bfloat16", "options": {"kv_valid": right}})
+  cases.append({"name": "window_bfloat16", "shape": (b, t, h, kv_heads, hd),
+                "dtype": "bfloat16", "options": {"window": 128 if not dry_run else 9}})
+  segments = (jnp.arange(t)[None, :] >= t // 3).astype(jnp.int32).repeat(b, 0)
+  cases.append({"name": "packing_softcap_bfloat16", "shape": (b, t, h, 1, hd),
+                "dtype": "bfloat16", "options": {"q_segment_ids": segments,
+                                                 "kv_segment_ids": segments, "softcap": 30.0}})
+  return cases
+
+
+def check_attention_values(impls, dry_run, report) -> None:
+  rows = report.setdefault("values", [])
+  for case in _value_cases(dry_run):
+    dtype = jnp.dtype(case["dtype"])
+    q, k, v, cotangent = _attention_inputs(case["shape"], dtype)
+    options = {"scale": case["shape"][-1] ** -0.5, **case["options"]}
+    upcast = [x.astype(jnp.float32) for x in (q, k, v)]
+    (_, ref_out), ref_grads = _attention_grad_fn("reference", options)(*upcast, cotangent)
+    for impl in impls:
+      row = {"check": "attention", "case": case["name"], "impl": impl}
+      if impl == "cudnn" and dtype == jnp.float32:
+        row["skipped"] = "cuDNN flash attention takes fp16 / bf16 inputs only"
+        rows.append(row)
+        continue
+      try:
+        (_, out), grads = _attention_grad_fn(impl, options)(q, k, v, cotangent)
+        row["out"] = _error(out, ref_out)
+        row.update({f"d{n}": _error(g, r) for n, g, r in zip("qkv", grads, ref_grads)})
+        # bf16 inputs: errors of a few 2^-8 from the rounded output and bf16 score products.
+        row["pass"] = max(row[x] for x in ("out", "dq", "dk", "dv")) <= (
+          3e-2 if dtype == jnp.bfloat16 else 2e-3)
+      except ValueError as error:  # a feature this implementation cannot express
+        row["skipped"] = str(error).split(";")[0]
+      except Exception as error:  # noqa: BLE001 (recorded, the other checks go on)
+        row["error"] = f"{type(error).__name__}: {str(error)[:400]}"
+        row["pass"] = False
+      _log(json.dumps(row))
+      rows.append(row)
+
+
+def check_logprob_values(dry_run, report) -> None:
+  n, d, v = (64, 32, 500) if dry_run else (4096, 4096, 131072)
+  keys = jax.random.split(jax.random.key(1), 3)
+  hidden = jax.random.normal(keys[0], (n, d), jnp.float32).astype(jnp.bfloat16)
+  head = (0.02 * jax.random.normal(keys[1], (v, d), jnp.float32)).astype(jnp.bfloat16)
+  targets = jax.random.randint(keys[2], (n,), 0, v)
+
+  def stats(impl):
+    def loss(h, w):
+      out = token_logprobs(h, w, targets, impl=impl)  # TokenLogprobs(logp, entropy, lse)
+      return jnp.sum(out.logp) + jnp.sum(out.entropy), out
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+  (_, ref), ref_grads = stats("reference")(hidden.astype(jnp.float32), head.astype(jnp.float32))
+  impls = ["chunked"] + ([] if dry_run else ["pallas"])
+  for impl in impls:
+    row = {"check": "token_logprobs", "case": f"N{n}_d{d}_V{v}_bf16", "impl": impl}
+    try:
+      (_, out), grads = stats(impl)(hidden, head)
+      row.update({
+        "logp": _error(out.logp, ref.logp), "entropy": _error(out.entropy, ref.entropy),
+        "dhidden": _error(grads[0], ref_grads[0]), "dhead": _error(grads[1], ref_grads[1]),
+      })
+      row["pass"] = max(row["logp"], row["entropy"]) <= 1e-3 and max(
+        row["dhidden"], row["dhead"]) <= 3e-2
+    except Exception as error:  # noqa: BLE001
+      row["error"] = f"{type(error).__name__}: {str(error)[:400]}"
+      row["pass"] = False
+    _log(json.dumps(row))
+    report.setdefault("values", []).append(row)
+  if dry_run:
+    report.setdefault("skipped", []).append(
+      {"check": "token_logprobs", "impl": "pallas", "why": "Pallas does not lower for CPU"})
+
+
+def _llama_layer(t, dry_run):
+  return (1, t, 4, 2, 32) if dry_run else (1, t, 32, 8, 128)
+
+
+def time_attention(impls, dry_run, iters, report) -> None:
+  rows = report.setdefault("speed", [])
+  for t in ((256,) if dry_run else (4096, 8192)):
+    shape = _llama_layer(t, dry_run)
+    q, k, v, cotangent = _attention_inputs(shape, jnp.bfloat16)
+    options = {"scale": shape[-1] ** -0.5}
+    for impl in impls:
+      row = {"impl": impl, "T": t, "shape": "B{} T{} H{} K{} hd{}".format(*shape)}
+      try:
+        fn = _attention_grad_fn(impl, options)
+        jax.block_until_ready(fn(q, k, v, cotangent))
+        times = []
+        for _ in range(iters):
+          start = time.perf_counter()
+          jax.block_until_ready(fn(q, k, v, cotangent))
+          times.append(time.perf_counter() - start)
+        row["fwd_bwd_ms"] = round(1e3 * statistics.median(times), 3)
+        # Causal model FLOPs: forward 2 GEMMs, backward 5, each 2·B·H·T²·hd / 2 under the mask.
+        flops = 7 * shape[0] * shape[2] * t * t * shape[4]
+        row["tflops"] = round(flops / statistics.median(times) / 1e12, 1)
+      except Exception as error:  # noqa: BLE001
+        row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+      _log(json.dumps(row))
+      rows.append(row)
+
+
+def attention_memory(impls, dry_run, report) -> None:
+  rows = report.setdefault("memory", [])
+  for t in ((512, 1024) if dry_run else (8192, 16384, 32768)):
+    shape = _llama_layer(t, dry_run)
+    b, _, h, kv_heads, hd = shape
+    q = jax.ShapeDtypeStruct((b, t, h, hd), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((b, t, kv_heads, hd), jnp.bfloat16)
+    cotangent = jax.ShapeDtypeStruct((b, t, h, hd), jnp.float32)
+    for impl in impls:
+      row = {"impl": impl, "T": t}
+      try:
+        fn = _attention_grad_fn(impl, {"scale": hd**-0.5})
+        analysis = fn.lower(q, kv, kv, cotangent).compile().memory_analysis()
+        row["temp_mib"] = round(analysis.temp_size_in_bytes / 2**20, 1)
+      except Exception as error:  # noqa: BLE001
+        row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+      _log(json.dumps(row))
+      rows.append(row)
+
+
+def _table(report) -> str:
+  lines = [f"backend {report['backend']}  devices {report['devices']}  jax {report['jax']}"]
+  for row in report.get("values", []):
+    if "skipped" in row:
+      status = "skip: " + row["skipped"]
+    elif "error" in row:
+      status = "ERROR " + row["error"][:80]
+    else:
+      errors = {key: row[key] for key in row if key not in ("check", "case", "impl", "pass")}
+      status = ("pass " if row["pass"] else "FAIL ") + " ".join(
+        f"{key}={value:.1e}" for key, value in errors.items())
+    lines.append(f"values  {row['check']:15} {row['case']:32} {row['impl']:11} {status}")
+  for row in report.get("speed", []):
+    value = row.get("fwd_bwd_ms", row.get("error", "")[:60])
+    lines.append(f"speed   T={row['T']:<6} {row['impl']:11} fwd+bwd ms {value}"
+                 + (f"  ({row['tflops']} TFLOP/s)" if "tflops" in row else ""))
+  for row in report.get("memory", []):
+    lines.append(f"memory  T={row['T']:<6} {row['impl']:11} temp MiB "
+                 f"{row.get('temp_mib', row.get('error', '')[:60])}")
+  for row in report.get("skipped", []):
+    lines.append(f"skipped {row['check']:15} {row['impl']:11} {row['why']}")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--cpu-dry-run", action="store_true")
+  parser.add_argument("--out", default=os.environ.get("OUT", "."))
+  parser.add_argument("--iters", type=int, default=10)
+  cli = parser.parse_args()
+  backend = jax.default_backend()
+  if not cli.cpu_dry_run and backend != "gpu":
+    raise SystemExit(f"device_check.py needs a GPU backend (got {backend!r}); "
+                     "use --cpu-dry-run to test the script on a CPU")
+  report = {"backend": backend, "devices": [str(d) for d in jax.devices()],
+            "jax": jax.__version__, "dry_run": cli.cpu_dry_run, "skipped": []}
+  impls = ["chunked", "xla", "cudnn", "pallas_gpu"]
+  if backend != "gpu":
+    for impl, why in GPU_ONLY.items():
+      report["skipped"].append({"check": "attention", "impl": impl, "why": why})
+      _log(f"skipping {impl}: {why}")
+    impls = [impl for impl in impls if impl not in GPU_ONLY]
+  sections = [
+    ("attention values", lambda: check_attention_values(impls, cli.cpu_dry_run, report)),
+    ("log-prob values", lambda: check_logprob_values(cli.cpu_dry_run, report)),
+    ("attention speed", lambda: time_attention(impls, cli.cpu_dry_run,
+                                               3 if cli.cpu_dry_run else cli.iters, report)),
+    ("attention memory", lambda: attention_memory(impls, cli.cpu_dry_run, report)),
+  ]
+  for name, section in sections:
+    _log(f"== {name}")
+    start = time.perf_counter()
+    try:
+      section()
+    except Exception:  # noqa: BLE001 (the report keeps what the other sections found)
+      report.setdefault("section_errors", []).append({name: traceback.format_exc()[-2000:]})
+      _log(traceback.format_exc())
+    report.setdefault("section_seconds", {})[name] = round(time.perf_counter() - start, 1)
+    with open(os.path.join(cli.out, "device_check.json"), "w") as file:
+      json.dump(report, file, indent=1)
+  print(_table(report))
+  failed = [row for row in report.get("values", []) if row.get("pass") is False]
+  if failed or report.get("section_errors"):
+    raise SystemExit(f"{len(failed)} value checks failed, "
+                     f"{len(report.get('section_errors', []))} sections raised")
+
+
+if __name__ == "__main__":
+  main()
