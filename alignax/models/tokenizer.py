@@ -16,6 +16,7 @@ import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from alignax import _validate
+from alignax.models.hub import TOKENIZER_FILES, resolve_pretrained
 
 Message = Mapping[str, Any]
 
@@ -92,7 +93,8 @@ _TINY_CORPUS = (
 def load_tokenizer(
   path: str | os.PathLike[str], *, padding_side: str | None = None
 ) -> transformers.PreTrainedTokenizerBase:
-  """Loads ``transformers.AutoTokenizer`` from a local directory, never from the hub.
+  """Loads ``transformers.AutoTokenizer`` from a local directory or a hub id (``org/name``, taken from
+  the Hugging Face cache, or downloaded into it where a network exists).
 
   Many base-model tokenizers (Llama, Mistral) define no pad token; then the EOS token is used for
   padding, the usual convention in alignment trainers. Padding positions are always masked out by
@@ -100,7 +102,7 @@ def load_tokenizer(
 
   Args:
     path: directory holding ``tokenizer.json`` / ``tokenizer_config.json`` (or a SentencePiece or
-      vocabulary file), as written by ``save_pretrained``.
+      vocabulary file), as written by ``save_pretrained``; or a hub id.
     padding_side: ``"left"`` (generation: prompts end at the same column) or ``"right"`` (training);
       None keeps the tokenizer's own setting.
 
@@ -108,14 +110,13 @@ def load_tokenizer(
     The tokenizer.
 
   Raises:
-    FileNotFoundError: ``path`` is not a directory or holds no tokenizer file.
+    FileNotFoundError: ``path`` is neither a directory nor a hub id, or holds no tokenizer file.
+    OSError: a hub id that is not cached while the hub is unreachable (the message says so).
     ValueError: ``padding_side`` is invalid, or the tokenizer has neither a pad nor an EOS token.
   """
   if padding_side is not None:
     _validate.choice("padding_side", padding_side, ("left", "right"))
-  directory = Path(path)
-  if not directory.is_dir():
-    raise FileNotFoundError(f"tokenizer path {str(directory)!r} is not a directory")
+  directory = Path(resolve_pretrained(path, allow_patterns=TOKENIZER_FILES))
   if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
     present = sorted(p.name for p in directory.iterdir())
     raise FileNotFoundError(
