@@ -26,12 +26,10 @@ def _state(mesh, scale=1.0):
 
 def test_sharded_round_trip_with_data_state_and_metadata(tmp_path, mesh8):
   state = _state(mesh8)
-  trainer_state = tmp_path / "ts.json"
-  trainer_state.write_text('{"global_step": 5}')
   with Checkpointer(tmp_path) as ckpt:
     ckpt.save(5, state, data_state={"epoch": 1, "position": 17}, metadata={"kl_coef": 0.05},
-              trainer_state_file=str(trainer_state))
-  assert sorted(os.listdir(tmp_path)) == ["checkpoint-5", "ts.json"]
+              trainer_state='{"global_step": 5}')
+  assert sorted(os.listdir(tmp_path)) == ["checkpoint-5"]
   assert (tmp_path / "checkpoint-5" / "trainer_state.json").read_text() == '{"global_step": 5}'
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           state)

@@ -18,8 +18,8 @@ D, V, T = 8, 11, 6
 
 def _token_mean_objective():
   """A bigram softmax model with a token-mean NLL over a boolean loss mask: the SFT loss shape."""
-  def loss(params, batch, key):
-    del key
+  def loss(params, frozen, batch, key):
+    del frozen, key
     logits = params["emb"][batch["x"]] @ params["out"]
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits), batch["y"][..., None], -1)[..., 0]
     mask = batch["mask"]

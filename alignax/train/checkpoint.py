@@ -11,7 +11,6 @@ previous checkpoints usable and the half-written one invisible (``latest_step`` 
 import dataclasses
 import os
 import re
-import shutil
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -97,7 +96,7 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, *, data_state: Any = None,
            metadata: Mapping[str, Any] | None = None,
-           trainer_state_file: str | None = None) -> None:
+           trainer_state: str | None = None) -> None:
     """Starts saving ``state`` (a pytree of arrays) as ``checkpoint-{step}``.
 
     Args:
@@ -106,16 +105,17 @@ class Checkpointer:
       data_state: the data iterator's state (JSON-serialisable), restored with the state so the
         batches after a resume are the batches the uninterrupted run saw.
       metadata: small JSON-serialisable extras (e.g. the KL controller's coefficient, the epoch).
-      trainer_state_file: a ``trainer_state.json`` to copy into the checkpoint directory once the
-        save has finished, as ``transformers`` lays checkpoints out.
+      trainer_state: the text of the ``trainer_state.json`` to write into the checkpoint directory
+        once the save has finished (as ``transformers`` lays checkpoints out), taken now so later
+        logging does not change it.
     """
     self._flush_state_files()
     items = {"state": ocp.args.StandardSave(state),
              "data": ocp.args.JsonSave(data_state if data_state is not None else {}),
              "metadata": ocp.args.JsonSave(dict(metadata or {}))}
     self.manager.save(step, args=ocp.args.Composite(**items))
-    if trainer_state_file is not None:
-      self._pending_state_files[step] = trainer_state_file
+    if trainer_state is not None:
+      self._pending_state_files[step] = trainer_state
 
   def restore(self, step: int | None, abstract_state: Any) -> Restored:
     """Restores ``checkpoint-{step}`` (None: the latest) onto ``abstract_state``'s shapes, dtypes and
@@ -139,11 +139,12 @@ class Checkpointer:
                     metadata=dict(restored["metadata"]))
 
   def _flush_state_files(self) -> None:
-    """Copies pending ``trainer_state.json`` files into checkpoints whose save has finished."""
+    """Writes pending ``trainer_state.json`` texts into checkpoints whose save has finished."""
     finished = set(self.manager.all_steps())
-    for step, source in list(self._pending_state_files.items()):
+    for step, text in list(self._pending_state_files.items()):
       if step in finished and os.path.isdir(self.path(step)):
-        shutil.copyfile(source, os.path.join(self.path(step), "trainer_state.json"))
+        with open(os.path.join(self.path(step), "trainer_state.json"), "w") as f:
+          f.write(text)
         del self._pending_state_files[step]
 
   def wait(self) -> None:

@@ -150,6 +150,10 @@ class MetricsLogger:
       self.state.save_to_json(path)
     return path
 
+  def state_json(self) -> str:
+    """``trainer_state.json``'s text as ``transformers`` writes it (for a checkpoint snapshot)."""
+    return json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True) + "\n"
+
   def update_state(self, **fields: Any) -> None:
     """Sets ``TrainerState`` fields (``max_steps``, ``best_metric``, ``num_input_tokens_seen``...)."""
     known = {f.name for f in dataclasses.fields(self.state)}

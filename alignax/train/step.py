@@ -34,29 +34,33 @@ class Objective(NamedTuple):
   """What an algorithm contributes to the step.
 
   Attributes:
-    loss: ``(params, micro_batch, key) -> (scalar loss, metrics)``; ``params`` is the trainable
-      pytree; metrics are scalars.
+    loss: ``(params, frozen, micro_batch, key) -> (scalar loss, metrics)``; ``params`` is the
+      trainable pytree (differentiated), ``frozen`` the rest of the model (e.g. the base weights
+      under LoRA, passed as an argument so they are never baked into the program as constants);
+      metrics are scalars.
     weight: ``micro_batch -> scalar``, the count the loss averages over (it depends on the batch
       only, so it is known before any forward pass).
   """
 
-  loss: Callable[[Any, Any, jax.Array], tuple[jax.Array, Metrics]]
+  loss: Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, Metrics]]
   weight: Callable[[Any], jax.Array]
 
 
 class TrainState(NamedTuple):
-  """The trainable parameters, the optimizer state, the step count and the RNG key (as key data)."""
+  """Trainable parameters, optimizer state, step count and RNG key (as key data), plus the frozen
+  part of the model, which the step passes through unchanged."""
 
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
+  frozen: Any = None
 
 
-def init_state(params: Any, optimizer: optax.GradientTransformation, *, seed: int = 0
-               ) -> TrainState:
+def init_state(params: Any, optimizer: optax.GradientTransformation, *, frozen: Any = None,
+               seed: int = 0) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                    rng=jax.random.key_data(jax.random.key(seed)))
+                    rng=jax.random.key_data(jax.random.key(seed)), frozen=frozen)
 
 
 def split_micro_batches(batch: Any, accumulation_steps: int) -> Any:
@@ -94,7 +98,7 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
 
     def micro(grads, xs):
       micro_batch, share, micro_key = xs
-      (loss, metrics), g = grad_fn(state.params, micro_batch, micro_key)
+      (loss, metrics), g = grad_fn(state.params, state.frozen, micro_batch, micro_key)
       grads = jax.tree.map(lambda acc, gi: acc + share * gi.astype(jnp.float32), grads, g)
       return grads, (loss, metrics)
 
@@ -108,7 +112,8 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
     out["grad_norm"] = global_norm(grads)
     if schedule is not None:
       out["learning_rate"] = schedule(state.step)
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng,
+                           frozen=state.frozen)
     return new_state, out
 
   return step
