@@ -62,8 +62,12 @@ def last_valid_token(mask: Bool[ArrayLike, "*b T"] | Int[ArrayLike, "*b T"]) -> 
 
 
 def masked_count(mask: Bool[ArrayLike, "*s"], *, axis: Axis = None) -> Float[Array, "*r"]:
-  """Number of valid entries over ``axis``, as float32 (the denominator of ``masked_mean``)."""
-  return jnp.sum(jnp.asarray(mask), axis=axis, dtype=jnp.float32)
+  """Number of valid entries over ``axis``, as float32 (the denominator of ``masked_mean``).
+
+  ``mask`` is a boolean loss mask (``TypeError`` otherwise): summing a float or 0/1 integer array
+  would silently count weights or stray values.
+  """
+  return jnp.sum(_validate.bool_mask("mask", mask), axis=axis, dtype=jnp.float32)
 
 
 def masked_mean(x: Float[ArrayLike, "*s"], mask: Bool[ArrayLike, "*s"], *,
@@ -93,7 +97,8 @@ def masked_var(x: Float[ArrayLike, "*s"], mask: Bool[ArrayLike, "*s"], *, axis: 
   r"""Masked variance, :math:`\sum_i m_i (x_i - \bar x)^2 / \max(1, n - \mathrm{ddof})`.
 
   ``ddof=1`` (the default) is Bessel's correction, as the PPO implementations whiten advantages
-  (``masked_whiten`` in TRL and verl). Fewer than ``ddof + 1`` valid entries give 0.
+  (``masked_whiten`` in TRL and verl). Fewer than ``ddof + 1`` valid entries (:math:`n \le`
+  ``ddof``, where the estimate is undefined) give 0, with zero gradient.
 
   Args:
     x: values, any shape.
@@ -115,7 +120,9 @@ def masked_var(x: Float[ArrayLike, "*s"], mask: Bool[ArrayLike, "*s"], *, axis: 
     mean = jnp.expand_dims(mean, axis)
   centred = masked_sum(jnp.square(x - mean), mask, axis=axis)
   dof = masked_count(mask, axis=axis) - ddof
-  return centred / jnp.maximum(dof, 1.0).astype(centred.dtype)
+  # With n <= ddof the estimate is undefined (numpy: inf/NaN); 0, as documented, not centred / 1.
+  variance = centred / jnp.maximum(dof, 1.0).astype(centred.dtype)
+  return jnp.where(dof > 0, variance, 0.0).astype(centred.dtype)
 
 
 def masked_whiten(x: Float[ArrayLike, "*s"], mask: Bool[ArrayLike, "*s"] | None = None, *,
@@ -126,7 +133,8 @@ def masked_whiten(x: Float[ArrayLike, "*s"], mask: Bool[ArrayLike, "*s"] | None 
   :math:`\mu` and :math:`\sigma^2` are the masked mean and (Bessel-corrected by default) variance
   over ``axis`` (default: every entry, i.e. global batch whitening as PPO and REINFORCE++ apply to
   advantages). With ``shift_mean=False`` the mean is added back, so only the scale changes (TRL's
-  ``whiten_rewards``). Masked entries are returned as 0.
+  ``whiten_rewards``). Masked entries are returned as 0. Where the variance is undefined (no more
+  valid entries than ``ddof``) the centred values are scaled by 0.
 
   Args:
     x: values, any shape.
@@ -146,9 +154,13 @@ def masked_whiten(x: Float[ArrayLike, "*s"], mask: Bool[ArrayLike, "*s"] | None 
   x = jnp.where(mask, x, 0)  # padding must reach neither the statistics nor their gradients
   mean = masked_mean(x, mask, axis=axis)
   var = masked_var(x, mask, axis=axis, ddof=ddof)
+  # n <= ddof: the variance is undefined (masked_var's 0); scale by 0, as an infinite variance
+  # would, instead of blowing the deviations up by 1/sqrt(eps).
+  defined = masked_count(mask, axis=axis) > ddof
   if axis is not None:
     mean, var = jnp.expand_dims(mean, axis), jnp.expand_dims(var, axis)
-  white = (x - mean) * jax.lax.rsqrt(var + eps)
+    defined = jnp.expand_dims(defined, axis)
+  white = jnp.where(defined, (x - mean) * jax.lax.rsqrt(var + eps), 0.0)
   if not shift_mean:
     white = white + mean
   return jnp.where(mask, white, 0)

@@ -269,7 +269,8 @@ def grpo_loss(logp: Float[ArrayLike, "*b T"], old_logp: Float[ArrayLike, "*b T"]
     ref_logp: :math:`\log\pi_{ref}`, same shape (treated as constant); required when the KL term
       is on (``beta > 0``).
     clip_eps_low: lower clip :math:`\epsilon_{low} \in [0, 1)` (TRL ``epsilon``).
-    clip_eps_high: upper clip; ``None`` means ``clip_eps_low`` (TRL ``epsilon_high``).
+    clip_eps_high: upper clip; ``None`` means ``clip_eps_low`` (TRL ``epsilon_high``). Must be
+      ``None`` for ``loss_type="cispo"``, whose cap is ``cispo_max_weight``.
     beta: KL coefficient :math:`\ge 0` (may be a traced array); 0 disables the KL term.
     kl_estimator: one of ``KL_ESTIMATORS`` (GRPO: ``k3``; see ``kl_estimate`` for its gradient).
     kl_clamp: if given, the per-token KL estimate is clipped to ``[-kl_clamp, kl_clamp]``
@@ -299,6 +300,10 @@ def grpo_loss(logp: Float[ArrayLike, "*b T"], old_logp: Float[ArrayLike, "*b T"]
   _validate.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
   _validate.choice("loss_agg_mode", loss_agg_mode, AGG_MODES)
   _validate.positive("kl_clamp", kl_clamp)
+  if clip_eps_high is not None and loss_type == "cispo":
+    # TRL spells CISPO's cap `epsilon_high`; here that value would be silently ignored.
+    raise ValueError(f"clip_eps_high={clip_eps_high!r} does not apply to loss_type='cispo': its IS "
+                     "weight is capped at cispo_max_weight (TRL's epsilon_high for CISPO)")
   clip_eps_high = _check_clip_params(clip_eps_low, clip_eps_high, dual_clip)
   _validate.positive("cispo_max_weight", cispo_max_weight)
   _validate.non_negative("entropy_coef", entropy_coef)
