@@ -47,6 +47,8 @@ _export("alignax.losses.preference", "DPO_LOSS_TYPES", "DpoLossType", "cpo_loss"
 _export("alignax.kernels", "KLStats", "LMHead", "TokenLogprobs", "VocabStats", "token_kl",
         "token_logprobs")
 _export("alignax.kernels.attention", "attention")
+# --- the mesh policy shared by models, kernels and trainers
+_export("alignax.sharding", "make_mesh", "constrain", "batch_sharding")
 # --- layer 2: models
 _export("alignax.models", "CausalLM", "DecoderConfig", "RewardModel", "ValueModel",
         "from_pretrained", "save_pretrained", "LoRAConfig", "LoRAParam", "apply_lora", "load_lora",

@@ -1,7 +1,8 @@
-"""LoRA adapters: zero start, merge/unmerge, the disabled reference view, adapter-only gradients,
-PEFT-layout save/load (checked against transformers with the adapters folded in by hand) and
-sharding."""
+"""LoRA adapters: zero start, merging into a new model, the disabled reference view, adapter-only
+gradients, the LoRA'd LM head, PEFT-layout save/load (checked against transformers with the adapters
+folded in by hand) and sharding; adapters on the decoder's stacked layers are stacked too."""
 
+import dataclasses
 import json
 
 import jax
@@ -14,10 +15,12 @@ import torch
 from flax import nnx
 from model_factories import padded_batch, save_hf_model, torch_forward
 
+import alignax as ax
 from alignax.models import checkpoint
 from alignax.models import lora as lr
 from alignax.models.layers import Linear, iter_linears
 from alignax.models.sharding import shard_model
+from alignax.sharding import make_mesh
 
 LLAMA_TARGETS = lr.LLAMA_TARGETS
 GPT2_TARGETS = ("qkv_proj", "o_proj", "up_proj", "down_proj")
@@ -87,7 +90,11 @@ def test_apply_lora_targets_every_named_projection(llama):
     [f"model.layers.{i}.attn.q_proj" for i in range(layers)]
     + [f"model.layers.{i}.mlp.down_proj" for i in range(layers)]
   )
-  assert len(jax.tree.leaves(nnx.state(model, lr.LoRAParam))) == 2 * len(paths)
+  # One stacked adapter per projection: A [L, in, r], B [L, r, out].
+  assert len(jax.tree.leaves(nnx.state(model, lr.LoRAParam))) == 2 * len(paths) // layers
+  lora = model.model.layers.attn.q_proj.lora
+  assert lora.lora_a[...].shape == (layers, hf_model.config.hidden_size, 8)
+  assert lora.lora_b[...].shape == (layers, 8, hf_model.config.hidden_size)
 
 
 def test_adapter_dtype_defaults_to_the_kernel_dtype():
@@ -130,22 +137,59 @@ def test_dropout_acts_on_the_adapter_input_only_in_training():
   np.testing.assert_allclose(evaluation(x), up @ model.down_proj.kernel[...], rtol=1e-5, atol=1e-5)
 
 
-def test_merged_equals_unmerged_and_unmerge_restores_the_kernel(llama):
+def test_merge_returns_a_new_model_and_leaves_the_policy_and_its_reference_alone(llama):
+  path, _, batch = llama
+  base = logits(checkpoint.from_pretrained(path), batch)
+  model = adapted(path)
+  randomize_adapters(model, 7)
+  reference = lr.lora_disabled(model)
+  kernels = jax.tree.map(np.asarray, nnx.state(model, nnx.All(nnx.Param, nnx.Not(lr.LoRAParam))))
+  policy = logits(model, batch)
+
+  merged = lr.merge_lora(model)
+
+  scale = np.abs(policy).max()
+  np.testing.assert_allclose(logits(merged, batch), policy, rtol=1e-5, atol=1e-5 * scale)
+  assert not jax.tree.leaves(nnx.state(merged, lr.LoRAParam))  # no adapters left
+  q_kernel = kernels["model"]["layers"]["attn"]["q_proj"]["kernel"]
+  assert not np.allclose(merged.model.layers.attn.q_proj.kernel[...], q_kernel)
+  # The input model is untouched: its kernels, its logits, and its reference view (which merging
+  # in place used to turn into the policy).
+  after = nnx.state(model, nnx.All(nnx.Param, nnx.Not(lr.LoRAParam)))
+  jax.tree.map(np.testing.assert_array_equal, after, kernels)
+  np.testing.assert_array_equal(logits(model, batch), policy)
+  np.testing.assert_array_equal(logits(reference, batch), base)
+  with pytest.raises(ValueError, match="carries no LoRA adapters"):
+    lr.lora_disabled(merged)
+
+
+def test_restoring_a_merged_state_into_an_adapted_model_counts_the_update_once(llama):
   path, _, batch = llama
   model = adapted(path)
   randomize_adapters(model, 7)
-  kernels = jax.tree.map(np.asarray, nnx.state(model, nnx.All(nnx.Param, nnx.Not(lr.LoRAParam))))
-  unmerged = logits(model, batch)
-  lr.merge_lora(model)
-  merged = logits(model, batch)
-  np.testing.assert_allclose(merged, unmerged, rtol=1e-5, atol=1e-5 * np.abs(unmerged).max())
-  q_proj = model.model.layers[0].attn.q_proj
-  q_kernel = kernels["model"]["layers"][0]["attn"]["q_proj"]["kernel"]
-  assert not np.allclose(q_proj.kernel[...], q_kernel)
-  lr.unmerge_lora(model)
-  restored = nnx.state(model, nnx.All(nnx.Param, nnx.Not(lr.LoRAParam)))
-  jax.tree.map(lambda r, k: np.testing.assert_allclose(r, k, rtol=0, atol=1e-6), restored, kernels)
-  np.testing.assert_allclose(logits(model, batch), unmerged, rtol=1e-5, atol=1e-5)
+  merged = lr.merge_lora(model)
+  fresh = adapted(path, seed=3)  # B = 0: adds nothing until trained
+  nnx.update(fresh, nnx.state(merged))
+  np.testing.assert_allclose(logits(fresh, batch), logits(merged, batch), rtol=1e-6, atol=1e-6)
+
+
+def test_a_lora_adapted_lm_head_gives_the_kernel_its_effective_weight(llama):
+  path, _, batch = llama
+  model = adapted(path, config=lr.LoRAConfig(rank=4, alpha=8.0, target_modules=("lm_head",)))
+  randomize_adapters(model, 7, scale=0.5)
+  ids, mask, positions = (jnp.asarray(x) for x in batch)
+  out = nnx.jit(lambda m: m(ids, mask, positions))(model)
+  head = model.get_lm_head()
+  lora = model.lm_head.lora
+  want = model.lm_head.kernel[...] + 2.0 * lora.lora_a[...] @ lora.lora_b[...]  # s = alpha / r
+  np.testing.assert_allclose(head.weight, want.T, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(out.hidden_states @ head.weight.T, out.logits, rtol=1e-5, atol=1e-5)
+  targets = jnp.roll(ids, -1, axis=1)
+  fused = ax.token_logprobs(out.hidden_states, head, targets, mask=mask).logp
+  logp = jnp.take_along_axis(jax.nn.log_softmax(out.logits), targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(np.asarray(fused)[batch[1]], np.asarray(logp)[batch[1]], atol=2e-5)
+  base = lr.lora_disabled(model).get_lm_head().weight
+  np.testing.assert_array_equal(base, model.lm_head.kernel[...].T)
 
 
 def test_lora_disabled_is_the_base_model_on_shared_weights(llama):
@@ -159,10 +203,10 @@ def test_lora_disabled_is_the_base_model_on_shared_weights(llama):
   np.testing.assert_array_equal(logits(reference, batch), base)
   # No copy: the view holds the policy's own variables, adapters included.
   for module in ("q_proj", "o_proj"):
-    ours = getattr(reference.model.layers[0].attn, module)
-    theirs = getattr(model.model.layers[0].attn, module)
+    ours = getattr(reference.model.layers.attn, module)
+    theirs = getattr(model.model.layers.attn, module)
     assert ours.kernel is theirs.kernel and ours.lora.lora_b is theirs.lora.lora_b
-  assert model.model.layers[0].attn.q_proj.lora.enabled  # the policy keeps its adapters on
+  assert model.model.layers.attn.q_proj.lora.enabled  # the policy keeps its adapters on
 
   @nnx.jit
   def policy_and_reference(policy, reference, ids, mask, positions):
@@ -220,7 +264,10 @@ def test_saved_adapters_are_peft_tensors_transformers_agrees_with(family, target
   assert peft_config["fan_in_fan_out"] == (family == "gpt2")
   tensors = safetensors.numpy.load_file(tmp_path / "adapter" / "adapter_model.safetensors")
   modules = {k.removesuffix(".lora_A.weight") for k in tensors if k.endswith(".lora_A.weight")}
-  assert len(tensors) == 2 * len(modules) == len(jax.tree.leaves(nnx.state(model, lr.LoRAParam)))
+  layers = hf_model.config.num_hidden_layers  # one tensor per layer of each stacked adapter
+  assert len(tensors) == 2 * len(modules) == layers * len(
+    jax.tree.leaves(nnx.state(model, lr.LoRAParam))
+  )
   state_dict = hf_model.state_dict()
   assert {m.removeprefix("base_model.model.") + ".weight" for m in modules} <= set(state_dict)
   assert {m.rsplit(".", 1)[-1] for m in modules} == set(peft_config["target_modules"])
@@ -262,16 +309,18 @@ def test_sharded_base_and_adapters_equal_unsharded(llama):
   model = adapted(path)
   randomize_adapters(model, 7)
   expected = logits(model, batch)
-  mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  mesh = make_mesh(fsdp=2, tensor=4)
   shard_model(model, mesh)
-  lora = model.model.layers[0].mlp.up_proj.lora  # kernel axes (embed, mlp) → (fsdp, tensor)
-  assert lora.lora_a[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
-  assert lora.lora_b[...].sharding.spec == jax.sharding.PartitionSpec(None, "tensor")
+  lora = model.model.layers.mlp.up_proj.lora  # kernel axes (layers, embed, mlp)
+  assert lora.lora_a[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+  assert lora.lora_b[...].sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
   np.testing.assert_allclose(logits(model, batch), expected, rtol=1e-5, atol=1e-5)
-  kernel = model.model.layers[0].mlp.up_proj.kernel
-  sharding = kernel[...].sharding
-  lr.merge_lora(model)
-  assert kernel[...].sharding == sharding  # merging keeps the kernel where the mesh put it
+  sharding = model.model.layers.mlp.up_proj.kernel[...].sharding
+  merged = lr.merge_lora(model)
+  # Merging keeps the kernel where the mesh put it, and the merged model keeps the mesh.
+  assert merged.model.layers.mlp.up_proj.kernel[...].sharding == sharding
+  assert merged.model.mesh is mesh
+  np.testing.assert_allclose(logits(merged, batch), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_misuse_is_reported():
@@ -285,13 +334,14 @@ def test_misuse_is_reported():
   lr.apply_lora(model, lr.LoRAConfig(target_modules=("up_proj",)), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="up_proj already carries a LoRA adapter"):
     lr.apply_lora(model, lr.LoRAConfig(target_modules=("up_proj",)), rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="up_proj: adapter is not merged"):
-    lr.unmerge_lora(model)
-  lr.merge_lora(model)
-  with pytest.raises(ValueError, match="up_proj: adapter already merged"):
-    lr.merge_lora(model)
-  with pytest.raises(ValueError, match="up_proj: adapter is merged into the kernel"):
-    lr.lora_disabled(model)
+  with pytest.raises(ValueError, match="up_proj: adapter is disabled"):
+    lr.merge_lora(lr.lora_disabled(model))
+  merged = lr.merge_lora(model)
+  assert model.up_proj.lora is not None and merged.up_proj.lora is None
+  with pytest.raises(ValueError, match="carries no LoRA adapters"):
+    lr.merge_lora(merged)
+  with pytest.raises(ValueError, match="carries no LoRA adapters"):
+    lr.lora_disabled(merged)
 
 
 @pytest.mark.parametrize(
@@ -344,3 +394,20 @@ def test_loading_a_mismatched_adapter_names_the_tensors(tmp_path):
   (tmp_path / "adapter_config.json").unlink()
   with pytest.raises(FileNotFoundError, match="adapter_config.json does not exist"):
     lr.load_lora(TwoProjections(6, rngs=nnx.Rngs(0)), tmp_path)
+
+
+def test_dropout_on_stacked_adapters_runs_inside_the_layer_scan(llama):
+  path, _, batch = llama
+  config = lr.LoRAConfig(rank=2, alpha=4.0, dropout=0.5)
+  model = checkpoint.from_pretrained(path)
+  lr.apply_lora(model, config, rngs=nnx.Rngs(params=1, dropout=2))
+  randomize_adapters(model, 3, scale=0.3)
+  ids, mask, positions = (jnp.asarray(x) for x in batch)
+  run = nnx.jit(lambda m: m(ids, mask, positions).logits)
+  first, second = np.asarray(run(model)), np.asarray(run(model))
+  assert not np.allclose(first, second)  # the dropout stream advances through the scan
+  evaluation = nnx.view(model, deterministic=True)
+  no_dropout = checkpoint.from_pretrained(path)
+  lr.apply_lora(no_dropout, dataclasses.replace(config, dropout=0.0), rngs=nnx.Rngs(0))
+  nnx.update(no_dropout, nnx.state(model, lr.LoRAParam))
+  np.testing.assert_allclose(run(evaluation), run(no_dropout), rtol=1e-6, atol=1e-6)

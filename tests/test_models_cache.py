@@ -87,3 +87,28 @@ def test_jitted_write_past_the_cache_end_fails_instead_of_clamping(tmp_path_fact
   want = r"cache is full: index 4 \+ 2 tokens > 5 slots"
   with pytest.raises(jax.errors.JaxRuntimeError, match=want):  # raised by the device, not clamped
     jax.block_until_ready(_step(model, ids, mask, cache))
+
+
+def test_a_decode_step_updates_the_stacked_cache_in_place():
+  config = models.config_from_hf(dict(
+    model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=8,
+    num_attention_heads=4, num_key_value_heads=2,
+  ))
+  model = models.CausalLM(config, rngs=nnx.Rngs(0))
+  cache = model.init_cache(2, 1024)
+  assert cache.keys.shape == (8, 2, 1024, 2, 16)  # [L, B, S, K, hd]
+  graphdef, state = nnx.split(model)
+
+  def step(state, tokens, cache):
+    out = nnx.merge(graphdef, state).decode_step(tokens, cache)
+    return out.logits, out.cache
+
+  compiled = jax.jit(step, donate_argnums=(2,)).lower(
+    state, jnp.ones((2,), jnp.int32), cache
+  ).compile()
+  memory = compiled.memory_analysis()
+  cache_bytes = cache.keys.nbytes + cache.values.nbytes
+  # The donated cache is the output buffer, and no temporary holds a copy of it (a layer loop that
+  # read a layer's slice before writing into the carried cache copied all of it at every layer).
+  assert memory.alias_size_in_bytes >= cache_bytes
+  assert memory.temp_size_in_bytes < 0.5 * cache_bytes, (memory.temp_size_in_bytes, cache_bytes)

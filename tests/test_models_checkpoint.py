@@ -117,7 +117,7 @@ def test_bf16_parameters_round_trip(tmp_path_factory, tmp_path):
     np.testing.assert_array_equal(got, want)
   expected = hf_model.state_dict()["transformer.h.0.attn.c_attn.weight"].to(torch.bfloat16)
   np.testing.assert_array_equal(
-    np.asarray(model.model.layers[0].attn.qkv_proj.kernel[...], np.float32),
+    np.asarray(model.model.layers.attn.qkv_proj.kernel[...][0], np.float32),
     expected.float().numpy(),
   )
 

@@ -4,9 +4,11 @@ import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from model_factories import saved_checkpoint
 from safetensors.numpy import load_file, save_file
 
@@ -113,8 +115,10 @@ def test_missing_files_and_bad_options_are_named(ckpt, tmp_path):
   os.remove(ckpt / "model.safetensors")
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
     models.from_pretrained(ckpt)
-  with pytest.raises(FileNotFoundError, match="config.json"):
+  with pytest.raises(FileNotFoundError, match="no such directory"):
     models.from_pretrained(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    models.from_pretrained(tmp_path)  # a directory without a checkpoint
   with pytest.raises(ValueError, match="head='critic'"):
     models.from_pretrained(ckpt, head="critic")
   with pytest.raises(ValueError, match="num_labels=3 applies to head='score' only"):
@@ -133,3 +137,41 @@ def test_bad_call_arguments_are_named(tmp_path_factory):
     model(jnp.ones((2, 4), jnp.int32), jnp.ones((2, 5), bool))
   with pytest.raises(ValueError, match="max_len must be >= 1"):
     model.init_cache(2, 0)
+
+
+def test_out_of_range_token_ids_are_named_eagerly_and_fail_on_device_under_jit(tmp_path_factory):
+  path, hf_model = saved_checkpoint(tmp_path_factory, "llama")
+  vocab = hf_model.config.vocab_size
+  model = models.from_pretrained(path)
+  ids = np.full((2, 5), 3, np.int32)
+  ids[1, 3] = vocab  # one past the vocabulary: NaN logits for the whole row before
+  with pytest.raises(ValueError, match=rf"input_ids\[1, 3\] = {vocab} is outside the vocabulary"):
+    model(jnp.asarray(ids))
+  negative = np.full((2, 5), 3, np.int32)
+  negative[0, 2] = -1
+  with pytest.raises(ValueError, match=r"input_ids\[0, 2\] = -1"):
+    model(jnp.asarray(negative))
+
+  run = nnx.jit(lambda m, ids: m(ids).logits)
+  assert np.isfinite(np.asarray(run(model, jnp.full((2, 5), 3, jnp.int32)))).all()
+  with pytest.raises(jax.errors.JaxRuntimeError, match=r"input_ids\[1, 3\] = 97"):
+    jax.block_until_ready(run(model, jnp.asarray(ids)))
+
+
+def test_float_input_ids_are_a_named_type_error(tmp_path_factory):
+  path, _ = saved_checkpoint(tmp_path_factory, "llama")
+  model = models.from_pretrained(path)
+  with pytest.raises(TypeError, match="input_ids must hold integer token ids, got dtype float32"):
+    model(jnp.ones((2, 4), jnp.float32))
+  # Attention masks take booleans or the tokenizer's 0/1 integers alike.
+  ids = jnp.full((2, 4), 3, jnp.int32)
+  as_ints = model(ids, jnp.array([[0, 1, 1, 1], [1, 1, 1, 1]], jnp.int32)).logits
+  as_bools = model(ids, jnp.array([[0, 1, 1, 1], [1, 1, 1, 1]], bool)).logits
+  np.testing.assert_array_equal(as_ints, as_bools)
+
+
+def test_dtype_strings_are_checked_at_load(ckpt):
+  with pytest.raises(ValueError, match=r"dtype='bf17' is not a dtype"):
+    models.from_pretrained(ckpt, dtype="bf17")
+  with pytest.raises(ValueError, match=r"param_dtype must be a floating-point dtype, got int8"):
+    models.from_pretrained(ckpt, param_dtype=jnp.int8)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from model_factories import FAMILIES, max_error, padded_batch, run_head, run_lm, saved_checkpoint
 
+import alignax as ax
 from alignax import models
-from alignax.models.heads import last_token_index
 
 
 def _torch_scores(hf_model, ids, mask, positions):
@@ -19,9 +19,17 @@ def _torch_scores(hf_model, ids, mask, positions):
     ).logits.numpy()
 
 
-def test_last_token_index_handles_left_and_right_padding():
-  mask = jnp.array([[1, 1, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]], bool)
-  np.testing.assert_array_equal(last_token_index(mask), [3, 3, 1, 0])
+def test_reward_read_out_uses_the_last_real_token_and_scores_an_empty_row_zero(tmp_path_factory):
+  path, hf_model = saved_checkpoint(tmp_path_factory, "llama", head="score", num_labels=3)
+  ids, mask, _ = padded_batch(hf_model.config.vocab_size, seed=2)
+  mask[2] = False  # an empty row: no real token to read
+  model = models.from_pretrained(path, head="score")
+  hidden = run_head(model, jnp.asarray(ids), jnp.asarray(mask)).hidden_states
+  per_token = np.asarray(hidden @ model.score.kernel[...])
+  scores = np.asarray(run_head(model, jnp.asarray(ids), jnp.asarray(mask)).scores)
+  np.testing.assert_allclose(scores[0], per_token[0, -1], atol=1e-6)  # full row
+  np.testing.assert_allclose(scores[1], per_token[1, -1], atol=1e-6)  # left-padded row
+  np.testing.assert_array_equal(scores[2], 0.0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -49,7 +57,7 @@ def test_value_model_reads_a_one_label_classifier_at_every_token(tmp_path_factor
   rewards = run_head(models.from_pretrained(path, head="score"), ids, mask)
 
   assert values.scores.shape == ids.shape
-  last = np.asarray(last_token_index(jnp.asarray(mask)))
+  last = np.argmax(np.asarray(ax.last_valid_token(mask)), axis=-1)
   np.testing.assert_allclose(np.asarray(values.scores)[np.arange(3), last], want_last, atol=1e-5)
   np.testing.assert_allclose(rewards.scores[:, 0], want_last, atol=1e-5)
 

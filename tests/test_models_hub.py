@@ -180,16 +180,8 @@ def test_parse_dtype_names_the_argument_it_checks():
     hub.parse_dtype("bf17", name="param_dtype")
 
 
-# The tests marked _WIRING exercise resolve_pretrained / parse_dtype wired into
-# models.from_pretrained (checkpoint.py) and models.load_tokenizer (tokenizer.py). Strict xfail:
-# once the wiring lands they pass, the xfail turns into a failure, and the marker must be removed.
-_WIRING = pytest.mark.xfail(
-  strict=True,
-  reason="resolve_pretrained/parse_dtype not yet wired into from_pretrained/load_tokenizer",
-)
 
 
-@_WIRING
 def test_from_pretrained_parses_string_dtypes_at_load(tmp_path_factory):
   path, hf_model = saved_checkpoint(tmp_path_factory, "llama")
   ids, mask, _ = padded_batch(hf_model.config.vocab_size)
@@ -201,7 +193,6 @@ def test_from_pretrained_parses_string_dtypes_at_load(tmp_path_factory):
     models.from_pretrained(path, param_dtype="bf17")
 
 
-@_WIRING
 def test_from_pretrained_with_an_uncached_hub_id_offline_says_so(tmp_path, offline, monkeypatch):
   monkeypatch.setenv("HF_HUB_CACHE", os.fspath(tmp_path))
   import huggingface_hub

@@ -21,8 +21,7 @@ def _next_tokens(ids):
 def _fused_logprobs(model, ids, mask, targets):
   hidden = model(ids, mask, compute_logits=False).hidden_states
   head = model.get_lm_head()
-  return ax.token_logprobs(hidden, head.weight, targets, mask=mask, bias=head.bias,
-                           softcap=head.softcap, logit_scale=head.logit_scale)
+  return ax.token_logprobs(hidden, head, targets, mask=mask).logp
 
 
 # llama: untied head; qwen2: tied; gemma2: tied, embedding scaling and final-logit soft-cap.
@@ -65,3 +64,25 @@ def test_fused_logprob_gradients_match_the_logits_path(tmp_path_factory):
     g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
     assert np.abs(w).max() > 0
     np.testing.assert_allclose(g, w, rtol=0, atol=1e-4 * np.abs(w).max())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # untied and tied heads
+def test_bf16_logits_agree_with_the_fused_kernel(tmp_path_factory, family):
+  # Large logits (the head scaled up) make any bf16 rounding of the logits visible: rounded before
+  # the cast to fp32 they were off by up to ~0.1 nats from the kernel's fp32 accumulation.
+  path, hf_model = saved_checkpoint(tmp_path_factory, family)
+  ids, mask, _ = padded_batch(hf_model.config.vocab_size, seed=7)
+  targets = jnp.asarray(_next_tokens(ids))
+  ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+  model = models.from_pretrained(path, dtype=jnp.bfloat16)
+  head = model.lm_head.kernel if model.lm_head is not None else model.model.embed.embedding
+  head[...] = head[...] * 40.0
+
+  out = run_lm(model, ids, mask)
+  model_logp = jnp.take_along_axis(jax.nn.log_softmax(out.logits), targets[..., None], -1)[..., 0]
+  kernel_logp = ax.token_logprobs(out.hidden_states, model.get_lm_head(), targets, mask=mask).logp
+
+  assert out.logits.dtype == jnp.float32
+  assert float(jnp.max(jnp.abs(out.logits))) > 20.0  # the regime where bf16 rounding shows
+  diff = np.abs(np.asarray(model_logp) - np.asarray(kernel_logp))[np.asarray(mask)]
+  assert diff.max() <= 1e-3, diff.max()

@@ -69,10 +69,7 @@ def test_fused_token_logprobs_from_the_lm_head_equal_log_softmax_of_logits(
   targets = jnp.roll(jnp.asarray(ids), -1, axis=1)
   head = model.get_lm_head()
 
-  got = alignax.token_logprobs(
-    out.hidden_states, head.weight, targets, bias=head.bias, softcap=head.softcap,
-    logit_scale=head.logit_scale,
-  )
+  got = alignax.token_logprobs(out.hidden_states, head, targets).logp
 
   want = jnp.take_along_axis(jax.nn.log_softmax(out.logits), targets[..., None], -1)[..., 0]
   np.testing.assert_allclose(np.asarray(got)[mask], np.asarray(want)[mask], atol=2e-5)
@@ -110,7 +107,7 @@ def test_bf16_compute_with_fp32_params_stays_close(tmp_path_factory):
   model = models.from_pretrained(path, dtype=jnp.bfloat16)
   out = run_lm(model, jnp.asarray(ids), jnp.asarray(mask))
 
-  assert model.model.layers[0].attn.q_proj.kernel[...].dtype == jnp.float32
+  assert model.model.layers.attn.q_proj.kernel[...].dtype == jnp.float32
   assert out.hidden_states.dtype == jnp.bfloat16
   assert max_error(out.logits, want, mask) <= 3e-2
 
@@ -196,3 +193,65 @@ def test_absent_config_keys_take_the_transformers_defaults(model_type):
     assert (ours.attn_softcap, ours.final_softcap) == (
       theirs.attn_logit_softcapping, theirs.final_logit_softcapping
     )
+
+
+# Scanned layers: gemma2 with 4 layers alternates windows with period 2 (two scan steps of two
+# blocks with static windows); qwen2's max_window_layers split (full, sliding, sliding) has no
+# shorter period, so the window is scanned as data; gpt2's inverse-layer scale is scanned as data.
+@pytest.mark.parametrize(
+  "family, overrides",
+  [
+    ("gemma2", dict(num_hidden_layers=4)),
+    ("qwen2", dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=3,
+                   max_window_layers=1)),
+    ("gpt2", dict(scale_attn_by_inverse_layer_idx=True)),
+  ],
+)
+def test_scanned_layers_with_per_layer_options_match_transformers(
+  tmp_path_factory, family, overrides
+):
+  path, hf_model = saved_checkpoint(tmp_path_factory, family, **overrides)
+  ids, mask, positions = padded_batch(hf_model.config.vocab_size)
+  model = models.from_pretrained(path)
+  if family == "qwen2":
+    assert model.config.sliding_windows == (None, 3, 3)
+  out = run_lm(model, jnp.asarray(ids), jnp.asarray(mask))
+  assert max_error(out.logits, torch_forward(hf_model, ids, mask, positions), mask) <= TOL
+
+
+def test_layer_parameters_are_stacked_and_the_program_does_not_grow_with_depth():
+  def program_size(layers):
+    config = models.config_from_hf(dict(
+      model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
+      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+    ))
+    model = models.CausalLM(config, rngs=nnx.Rngs(0))
+    assert model.model.layers.mlp.up_proj.kernel[...].shape == (layers, 32, 48)
+    graphdef, state = nnx.split(model)
+
+    def loss(state, ids):
+      return jnp.mean(nnx.merge(graphdef, state)(ids).logits)
+
+    ids = jnp.ones((2, 16), jnp.int32)
+    return len(jax.jit(jax.grad(loss)).lower(state, ids).as_text())
+
+  two, twelve = program_size(2), program_size(12)
+  # One scanned block body: a Python loop over layers made 12 layers ~6x the size of 2.
+  assert twelve < 1.1 * two, (two, twelve)
+
+
+def test_the_forward_never_materialises_a_sequence_by_sequence_array():
+  config = models.config_from_hf(dict(
+    model_type="gemma2", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=300,
+  ))
+  model = models.CausalLM(config, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  t = 1024  # two blocks of the attention kernel; a dense mask or score tensor is [..., T, T]
+
+  def loss(state, ids, mask):
+    return jnp.mean(nnx.merge(graphdef, state)(ids, mask).hidden_states)
+
+  ids, mask = jnp.ones((2, t), jnp.int32), jnp.ones((2, t), bool)
+  hlo = jax.jit(jax.grad(loss)).lower(state, ids, mask).as_text()
+  assert f"{t}x{t}x" not in hlo  # StableHLO spells a [.., T, T] tensor "...x1024x1024xf32"

@@ -19,6 +19,7 @@ from alignax.models.layers import iter_linears as iter_linears
 from alignax.models.sharding import DEFAULT_RULES as DEFAULT_RULES
 from alignax.models.sharding import batch_sharding as batch_sharding
 from alignax.models.sharding import logical_to_mesh as logical_to_mesh
+from alignax.models.sharding import make_mesh as make_mesh
 from alignax.models.sharding import shard_model as shard_model
 from alignax.models.sharding import state_shardings as state_shardings
 # --- end core -----------------------------------------------------------------------------------
@@ -32,7 +33,6 @@ from alignax.models.lora import load_lora as load_lora
 from alignax.models.lora import lora_disabled as lora_disabled
 from alignax.models.lora import merge_lora as merge_lora
 from alignax.models.lora import save_lora as save_lora
-from alignax.models.lora import unmerge_lora as unmerge_lora
 from alignax.models.tokenizer import TINY_CHAT_TEMPLATE as TINY_CHAT_TEMPLATE
 from alignax.models.tokenizer import apply_chat_template as apply_chat_template
 from alignax.models.tokenizer import build_tiny_tokenizer as build_tiny_tokenizer

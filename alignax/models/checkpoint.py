@@ -9,7 +9,9 @@ given), so host memory never holds more than one tensor.
 Name mapping: alignax uses one set of module names for every family (``attn.q_proj``,
 ``mlp.gate_proj``, ``input_norm``, ...); :func:`hf_name` translates a parameter path to the family's
 Hugging Face name. PyTorch ``nn.Linear`` weights are ``[out, in]`` and are transposed; GPT-2's
-``Conv1D`` weights are already ``[in, out]``.
+``Conv1D`` weights are already ``[in, out]``. Block parameters are stacked over layers
+(``[L, ...]``, see :mod:`alignax.models.decoder`); the checkpoint's ``model.layers.{i}.…`` tensor is
+slice ``i`` of the stacked parameter, read and written one layer at a time.
 """
 
 import dataclasses
@@ -31,8 +33,10 @@ from alignax import _validate
 from alignax.models.config import DecoderConfig, config_from_hf
 from alignax.models.decoder import CausalLM
 from alignax.models.heads import RewardModel, ValueModel
-from alignax.models.layers import DType
-from alignax.models.sharding import DEFAULT_RULES, Rules, state_shardings
+from alignax.models.hub import parse_dtype, resolve_pretrained
+from alignax.models.layers import DType, is_stacked
+from alignax.models.sharding import DEFAULT_RULES, Rules, set_mesh, state_shardings
+from alignax.sharding import check_auto
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -78,11 +82,38 @@ _GPT2_NAMES = {
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
-def hf_name(config: DecoderConfig, path: tuple[Any, ...]) -> str:
-  """The Hugging Face tensor name of the parameter at ``path`` (an NNX state path)."""
+def hf_name(config: DecoderConfig, path: tuple[Any, ...], layer: int | None = None) -> str:
+  """The Hugging Face tensor name of the parameter at ``path`` (an NNX state path).
+
+  ``layer`` is the index into a parameter stacked over layers; it follows the ``layers`` module
+  (``model.layers.attn.q_proj.kernel``, layer 3 → ``model.layers.3.self_attn.q_proj.weight``).
+  """
   names = {"gpt2": _GPT2_NAMES, "gemma2": _GEMMA2_NAMES}.get(config.model_type, _LLAMA_NAMES)
   *modules, leaf = (str(p) for p in path)
-  return ".".join([names.get(m, m) for m in modules] + [_LEAF_NAMES[leaf]])
+  parts = []
+  for m in modules:
+    parts.append(names.get(m, m))
+    if m == "layers" and layer is not None:
+      parts.append(str(layer))
+  return ".".join(parts + [_LEAF_NAMES[leaf]])
+
+
+def _expected_tensors(
+  config: DecoderConfig, state: Any
+) -> dict[str, tuple[tuple[Any, ...], nnx.Variable, int | None]]:
+  """Checkpoint name → (state path, variable, layer index into the stack or None)."""
+  expected = {}
+  for p, v in _flat_params(state):
+    if is_stacked(p, v):
+      for i in range(v.shape[0]):
+        expected[hf_name(config, p, i)] = (p, v, i)
+    else:
+      expected[hf_name(config, p)] = (p, v, None)
+  return expected
+
+
+def _tensor_shape(variable: nnx.Variable, layer: int | None) -> tuple[int, ...]:
+  return tuple(variable.shape[1:] if layer is not None else variable.shape)
 
 
 def _transposed(config: DecoderConfig, path: tuple[Any, ...]) -> bool:
@@ -168,26 +199,33 @@ def from_pretrained(
   rules: Rules | None = None,
   head: str | None = None,
   remat: str | None = None,
+  attention_impl: str = "auto",
   num_labels: int | None = None,
   seed: int = 0,
+  revision: str | None = None,
 ) -> nnx.Module:
-  """Loads a Hugging Face checkpoint directory into an alignax model.
+  """Loads a Hugging Face checkpoint (a directory or a hub id) into an alignax model.
 
   Args:
     path: directory with ``config.json`` and ``model.safetensors`` or
-      ``model.safetensors.index.json`` plus its shards.
-    dtype: compute dtype.
-    param_dtype: parameter dtype (tensors are cast on load).
-    mesh: when given, every parameter is placed directly with its sharding on this mesh.
+      ``model.safetensors.index.json`` plus its shards, or a hub id ``org/name`` (fetched through
+      the Hugging Face cache, see :func:`alignax.models.hub.resolve_pretrained`).
+    dtype: compute dtype: a dtype or a name such as ``"bfloat16"`` / ``"bf16"``, checked here.
+    param_dtype: parameter dtype (tensors are cast on load), given the same way.
+    mesh: when given, every parameter is placed directly with its sharding on this mesh (a
+      mesh with Auto axes, from :func:`alignax.sharding.make_mesh`), and the model constrains its
+      activations there.
     rules: logical-axis rules (default :data:`alignax.models.sharding.DEFAULT_RULES`).
     head: None for a :class:`CausalLM`, ``"value"`` for a :class:`ValueModel` (per-token critic),
       ``"score"`` for a :class:`RewardModel` (``*ForSequenceClassification``). A head missing from a
       causal-LM checkpoint is initialised from ``seed`` (normal, std 0.02), and that checkpoint's
       ``lm_head.weight`` is not used.
     remat: rematerialisation policy name (see :data:`alignax.models.decoder.REMAT_POLICIES`).
+    attention_impl: the attention kernel (``impl`` of :func:`alignax.kernels.attention.attention`).
     num_labels: outputs of a ``"score"`` head, overriding ``config.json`` (whose default, as in
       ``transformers``, is 2); use 1 for a reward model read from a causal-LM checkpoint.
     seed: seed of the parameters the checkpoint does not hold (a fresh head).
+    revision: hub branch, tag or commit of a hub id.
 
   Returns:
     The model, parameters in ``param_dtype``.
@@ -198,7 +236,11 @@ def from_pretrained(
       before any tensor data is read.
   """
   _validate.choice("head", head, HEADS)
-  path = os.fspath(path)
+  dtype = parse_dtype(dtype, name="dtype")
+  param_dtype = parse_dtype(param_dtype, name="param_dtype")
+  if mesh is not None:
+    check_auto(mesh, "from_pretrained(mesh=...)")
+  path = resolve_pretrained(path, revision=revision)
   config = read_config(path)
   if num_labels is not None:
     if head != "score":
@@ -208,33 +250,61 @@ def from_pretrained(
   checkpoint = _Checkpoint(path)
   cls = _model_class(head)
   abstract = nnx.eval_shape(
-    lambda: cls(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(seed))
+    lambda: cls(
+      config, dtype=dtype, param_dtype=param_dtype, remat=remat, attention_impl=attention_impl,
+      rngs=nnx.Rngs(seed),
+    )
   )
   graphdef, state = nnx.split(abstract)
-  expected = {hf_name(config, p): (p, v) for p, v in _flat_params(state)}
+  expected = _expected_tensors(config, state)
   fresh = _plan_and_validate(config, head, expected, checkpoint)
 
   shardings = state_shardings(state, mesh, rules or DEFAULT_RULES) if mesh is not None else None
   flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
-  for name, (p, variable) in expected.items():
-    if name in fresh:
-      array = nnx.initializers.normal(0.02)(jax.random.key(seed), variable.shape, param_dtype)
+  by_path: dict[tuple[Any, ...], list[tuple[str, int | None]]] = {}
+  for name, (p, _, layer) in expected.items():
+    by_path.setdefault(p, []).append((name, layer))
+  for p, names in by_path.items():
+    variable = expected[names[0][0]][1]
+    sharding = flat_shardings[p].get_value() if p in flat_shardings else None
+    # A stacked parameter is read one layer at a time; each layer goes to its devices at once.
+    layer_sharding = (
+      None if sharding is None or names[0][1] is None
+      else jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+    )
+    parts = []
+    for name, layer in names:
+      if name in fresh:
+        array = nnx.initializers.normal(0.02)(
+          jax.random.key(seed), _tensor_shape(variable, layer), param_dtype
+        )
+      else:
+        array = checkpoint.read(name)
+        if _transposed(config, p):
+          array = array.T
+      array = np.asarray(array).astype(param_dtype)
+      if layer is None:
+        parts.append(array)
+      else:
+        parts.append(array if layer_sharding is None else jax.device_put(array, layer_sharding))
+    if names[0][1] is None:
+      value = parts[0]
     else:
-      array = checkpoint.read(name)
-      if _transposed(config, p):
-        array = array.T
-    array = np.asarray(array).astype(param_dtype)
-    if p in flat_shardings:
-      variable.set_value(jax.device_put(array, flat_shardings[p].get_value()))
+      value = np.stack(parts) if layer_sharding is None else jnp.stack(parts)
+    if sharding is not None:
+      variable.set_value(jax.device_put(value, sharding))
     else:
-      variable.set_value(jnp.asarray(array))
-  return nnx.merge(graphdef, state)
+      variable.set_value(jnp.asarray(value))
+  model = nnx.merge(graphdef, state)
+  if mesh is not None:
+    set_mesh(model, mesh)
+  return model
 
 
 def _plan_and_validate(
   config: DecoderConfig,
   head: str | None,
-  expected: Mapping[str, tuple[tuple[Any, ...], nnx.Variable]],
+  expected: Mapping[str, tuple[tuple[Any, ...], nnx.Variable, int | None]],
   checkpoint: _Checkpoint,
 ) -> set[str]:
   """Checks names and shapes; returns the head tensors to initialise fresh (missing head only)."""
@@ -250,8 +320,8 @@ def _plan_and_validate(
   unexpected = sorted(stored - set(expected) - ignorable)
   misshaped = []
   for name in sorted(set(expected) & stored):
-    p, variable = expected[name]
-    want = tuple(variable.shape)
+    p, variable, layer = expected[name]
+    want = _tensor_shape(variable, layer)
     if _transposed(config, p):
       want = want[::-1]
     if checkpoint.shapes[name] != want:
@@ -292,7 +362,8 @@ def save_pretrained(
   or ``*ForSequenceClassification``), labels and ``dtype`` updated; weights go to
   ``model.safetensors``, or to ``model-0000i-of-0000n.safetensors`` shards plus
   ``model.safetensors.index.json`` when they exceed ``max_shard_size``. LoRA adapters are not
-  written (merge them first to include them). Sharded parameters are gathered one at a time.
+  written (save ``merge_lora(model)`` to include them). Sharded parameters are gathered one layer at
+  a time.
 
   Args:
     model: a :class:`CausalLM`, :class:`ValueModel` or :class:`RewardModel`.
@@ -306,10 +377,11 @@ def save_pretrained(
   config: DecoderConfig = model.config
   tensors: dict[str, np.ndarray] = {}
   dtypes = set()
-  for p, variable in _flat_params(nnx.state(model)):
-    array = np.asarray(jax.device_get(variable[...]))
+  for name, (p, variable, layer) in _expected_tensors(config, nnx.state(model)).items():
+    array = variable[...] if layer is None else variable[...][layer]
+    array = np.asarray(jax.device_get(array))
     dtypes.add(array.dtype)
-    tensors[hf_name(config, p)] = np.ascontiguousarray(array.T if _transposed(config, p) else array)
+    tensors[name] = np.ascontiguousarray(array.T if _transposed(config, p) else array)
 
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0

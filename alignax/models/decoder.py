@@ -6,17 +6,28 @@ positions, soft-capping, sliding windows, sandwich norms, embedding scale).
 
 Conventions:
 
-* ``attention_mask`` is boolean ``[B, T]`` (True = real token); padding may be left or right.
+* ``attention_mask`` is ``[B, T]`` booleans or 0/1 integers (True / 1 = real token); padding may be
+  left or right.
 * Default ``positions`` are ``cumsum(mask) - 1`` clipped at 0 (so a left-padded row starts at
   position 0 on its first real token; pads get position 0), restarted at every segment boundary when
   ``segment_ids`` is given. ``transformers`` only matches this when it is given the same
   ``position_ids`` (its own default is ``arange(T)`` whatever the padding).
 * Sliding windows act on sequence (cache slot) indices like ``transformers``: query ``i`` sees keys
   ``j`` with ``i - W < j <= i``.
-* Attention runs through :func:`jax.nn.dot_product_attention` (cuDNN / TPU paths available) with a
-  boolean mask combining causal, padding, segment and sliding-window terms. Gemma 2 soft-caps the
-  scores (``c · tanh(s / c)`` before the mask), which ``dot_product_attention`` cannot express, so
-  soft-capped layers take an explicit einsum path with an fp32 softmax.
+* Attention is memory-efficient: causality, windows, padding, packing (segment ids) and the cache's
+  filled slots are computed from indices inside the attention kernel; no ``[B, T, S]`` mask or score
+  tensor is built by the decoder.
+* Layers are scanned: every block parameter is stacked over a leading ``layers`` axis and the
+  blocks run under one ``lax.scan`` (one compiled block body, the remat policy applied per layer).
+  Layers whose static options differ repeat with a period ``p`` (Gemma 2 alternates sliding and
+  global windows, ``p = 2``): the scan then runs ``L / p`` steps of ``p`` blocks with static
+  windows. A pattern without a shorter period (a Qwen2 ``max_window_layers`` split) scans with the
+  per-layer window as data. The KV cache is stacked the same way, ``[L, B, S, K, hd]``.
+* The LM head accumulates in fp32 (``preferred_element_type``) from compute-dtype inputs, exactly as
+  the fused log-prob kernel does with :meth:`CausalLM.get_lm_head`, so the two agree.
+* Activations carry sharding constraints (:func:`alignax.sharding.constrain`): batch over
+  ``(data, fsdp)``, heads / MLP / vocabulary over ``tensor``, on the mesh the model was placed on or
+  the context mesh of ``jax.set_mesh``.
 """
 
 import functools
@@ -27,11 +38,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
 from alignax import _validate
+from alignax.kernels import LMHead
+from alignax.kernels.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from alignax.kernels.attention import attention
 from alignax.models.config import DecoderConfig
-from alignax.models.layers import DType, Embed, LayerNorm, Linear, RMSNorm
+from alignax.models.layers import (
+  LAYERS,
+  DType,
+  Embed,
+  LayerNorm,
+  Linear,
+  RMSNorm,
+  is_stacked,
+  stack_modules,
+)
+from alignax.sharding import constrain
+
 
 IntLike = np.ndarray | Array
 
@@ -41,18 +67,27 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
   "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
+# "No window" as data (a per-layer window scanned as an int): larger than any sequence.
+NO_WINDOW = 2**30
+
+BTD = ("activation_batch", "activation_length", "activation_embed")
+BTHD = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+BTKD = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+BTF = ("activation_batch", "activation_length", "activation_mlp")
+BTV = ("activation_batch", "activation_length", "activation_vocab")
+
 
 class KVCache(NamedTuple):
-  """Static-shape key/value cache.
+  """Static-shape key/value cache, stacked over layers.
 
   Attributes:
-    keys, values: one ``[B, S, K, hd]`` array per layer (``S`` = ``max_len`` slots).
+    keys, values: ``[L, B, S, K, hd]`` (``S`` = ``max_len`` slots).
     valid: ``[B, S]`` True where a slot holds a real (non-pad) token.
     index: scalar int32, the next slot to write; every row writes the same slots (left padding).
   """
 
-  keys: tuple[Array, ...]
-  values: tuple[Array, ...]
+  keys: Float[Array, "L B S K hd"]
+  values: Float[Array, "L B S K hd"]
   valid: Bool[Array, "B S"]
   index: Int[Array, ""]
 
@@ -71,17 +106,22 @@ class DecoderOutput(NamedTuple):
   cache: KVCache | None
 
 
-class LMHead(NamedTuple):
-  """The LM head as arrays: ``z = softcap · tanh((logit_scale · h Wᵀ + b) / softcap)``.
+class AttentionInputs(NamedTuple):
+  """What every layer's attention needs besides q, k, v (computed once per call).
 
-  ``weight`` is ``[V, d]`` (the embedding matrix when tied), ``bias`` ``[V]`` or None, ``softcap``
-  None for no capping. These are the keyword arguments of ``alignax.token_logprobs``.
+  Attributes:
+    rotary: ``(cos, sin)`` ``[B, T, hd]`` or None (learned positions).
+    q_index: ``[T]`` slot index of each query (``arange(T)``, offset by the cache index).
+    kv_valid: ``[B, S]`` real token / filled slot.
+    segment_ids: ``[B, T]`` packed-sequence ids (queries and keys alike) or None.
+    kv_len: scalar, slots at or past it are empty (cache only) or None.
   """
 
-  weight: Float[Array, "V d"]
-  bias: Float[Array, " V"] | None
-  softcap: float | None
-  logit_scale: float
+  rotary: tuple[Array, Array] | None
+  q_index: Int[Array, " T"]
+  kv_valid: Bool[Array, "B S"]
+  segment_ids: Int[Array, "B T"] | None
+  kv_len: Int[Array, ""] | None
 
 
 def default_positions(
@@ -154,49 +194,24 @@ def apply_rotary(
   return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def attention_mask_for(
-  query_index: Int[Array, " T"],
-  key_valid: Bool[Array, "B S"],
-  *,
-  window: int | None,
-  query_segments: Int[Array, "B T"] | None = None,
-  key_segments: Int[Array, "B S"] | None = None,
-) -> Bool[Array, "B T S"]:
-  """``allowed[b, i, j] = j <= q_i ∧ valid[b, j] ∧ (q_i - W < j) ∧ seg[b, i] = seg[b, j]``.
-
-  ``query_index`` holds each query's slot index (``arange(T)`` without a cache).
-  """
-  key_index = jnp.arange(key_valid.shape[-1])
-  allowed = key_index[None, :] <= query_index[:, None]
-  if window is not None:
-    allowed &= key_index[None, :] > query_index[:, None] - window
-  allowed = allowed[None] & key_valid[:, None, :]
-  if query_segments is not None:
-    allowed &= query_segments[:, :, None] == key_segments[:, None, :]
-  return allowed
-
-
 def attend(
   q: Float[Array, "B T H hd"],
   k: Float[Array, "B S K hd"],
   v: Float[Array, "B S K hd"],
-  mask: Bool[Array, "B T S"],
+  inputs: AttentionInputs,
   *,
   scale: float,
+  window: int | Array | None,
   softcap: float | None,
+  impl: str = "auto",
 ) -> Float[Array, "B T H hd"]:
-  """``softmax(cap(scale · q kᵀ) + mask) v`` with grouped KV heads (``H`` a multiple of ``K``)."""
-  if softcap is None:
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
-  b, t, h, hd = q.shape
-  kv_heads = k.shape[2]
-  grouped = q.reshape(b, t, kv_heads, h // kv_heads, hd)
-  scores = jnp.einsum("btkgd,bskd->bkgts", grouped, k).astype(jnp.float32) * scale
-  scores = softcap * jnp.tanh(scores / softcap)
-  # A finite fill keeps fully masked rows (pad queries) finite instead of NaN.
-  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+  """One layer's attention through :func:`alignax.kernels.attention.attention` (indices, validity,
+  segment ids and the cache's fill level; never a dense mask)."""
+  return attention(
+    q, k, v, scale=scale, q_index=inputs.q_index, kv_valid=inputs.kv_valid,
+    q_segment_ids=inputs.segment_ids, kv_segment_ids=inputs.segment_ids, causal=True,
+    window=window, softcap=softcap, kv_len=inputs.kv_len, impl=impl,
+  )
 
 
 def _activation(name: str) -> Callable[[Array], Array]:
@@ -219,35 +234,62 @@ def _norm(
   )
 
 
+def uniform_attention_scale(config: DecoderConfig) -> float | None:
+  """The attention scale when every layer shares it, else None (GPT-2's inverse-layer option)."""
+  scales = {config.layer_attention_scale(i) for i in range(config.num_layers)}
+  return scales.pop() if len(scales) == 1 else None
+
+
+def window_period(windows: tuple[int | None, ...]) -> int | None:
+  """Smallest ``p < L`` with ``windows[i] = windows[i mod p]`` and ``p | L`` (1 when uniform).
+
+  None when the pattern does not repeat (the scan then takes the window as data).
+  """
+  num_layers = len(windows)
+  if len(set(windows)) <= 1:
+    return 1
+  for p in range(2, num_layers):
+    if num_layers % p == 0 and all(windows[i] == windows[i % p] for i in range(num_layers)):
+      return p
+  return None
+
+
 class Attention(nnx.Module):
   """Multi-head attention with grouped KV heads, optional fused QKV, q/k norm, RoPE and cache."""
 
   def __init__(
-    self, config: DecoderConfig, layer: int, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs
+    self, config: DecoderConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs
   ):
     c = config
     self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-    self.scale = c.layer_attention_scale(layer)
+    self.scale = uniform_attention_scale(c)
     self.softcap = c.attn_softcap
-    self.use_rope = c.position_embedding == "rope"
     self.fused_qkv = c.fused_qkv
     linear = functools.partial(Linear, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    units = (1, c.head_dim)  # a head is never split across devices
     if c.fused_qkv:
       self.qkv_proj = linear(
-        c.hidden_size, q_size + 2 * kv_size, use_bias=c.qkv_bias, kernel_axes=("embed", "heads")
+        c.hidden_size, q_size + 2 * kv_size, use_bias=c.qkv_bias, kernel_axes=("embed", "heads"),
+        kernel_units=units,
       )
     else:
       self.q_proj = linear(
-        c.hidden_size, q_size, use_bias=c.qkv_bias, kernel_axes=("embed", "heads")
+        c.hidden_size, q_size, use_bias=c.qkv_bias, kernel_axes=("embed", "heads"),
+        kernel_units=units,
       )
       self.k_proj = linear(
-        c.hidden_size, kv_size, use_bias=c.qkv_bias, kernel_axes=("embed", "kv_heads")
+        c.hidden_size, kv_size, use_bias=c.qkv_bias, kernel_axes=("embed", "kv_heads"),
+        kernel_units=units,
       )
       self.v_proj = linear(
-        c.hidden_size, kv_size, use_bias=c.qkv_bias, kernel_axes=("embed", "kv_heads")
+        c.hidden_size, kv_size, use_bias=c.qkv_bias, kernel_axes=("embed", "kv_heads"),
+        kernel_units=units,
       )
-    self.o_proj = linear(q_size, c.hidden_size, use_bias=c.out_bias, kernel_axes=("heads", "embed"))
+    self.o_proj = linear(
+      q_size, c.hidden_size, use_bias=c.out_bias, kernel_axes=("heads", "embed"),
+      kernel_units=(c.head_dim, 1),
+    )
     if c.qk_norm:
       norm_kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, axis_name="head_dim")
       self.q_norm = _norm(c, c.head_dim, **norm_kw)
@@ -258,10 +300,14 @@ class Attention(nnx.Module):
   def __call__(
     self,
     x: Float[Array, "B T d"],
-    rotary: tuple[Array, Array] | None,
-    mask: Bool[Array, "B T S"],
-    kv: tuple[Array, Array] | None = None,
+    inputs: AttentionInputs,
+    kv: tuple[Array, Array, Array] | None = None,
     index: Int[Array, ""] | None = None,
+    *,
+    window: int | Array | None,
+    scale: Array | None = None,
+    mesh: Mesh | None = None,
+    impl: str = "auto",
   ) -> tuple[Float[Array, "B T d"], tuple[Array, Array] | None]:
     b, t, _ = x.shape
     q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -269,21 +315,34 @@ class Attention(nnx.Module):
       q, k, v = jnp.split(self.qkv_proj(x), [q_size, q_size + kv_size], axis=-1)
     else:
       q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-    q = q.reshape(b, t, self.num_heads, self.head_dim)
-    k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
+    q = constrain(q.reshape(b, t, self.num_heads, self.head_dim), BTHD, mesh)
+    k = constrain(k.reshape(b, t, self.num_kv_heads, self.head_dim), BTKD, mesh)
+    v = constrain(v.reshape(b, t, self.num_kv_heads, self.head_dim), BTKD, mesh)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    if rotary is not None:
-      q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+    if inputs.rotary is not None:
+      q, k = apply_rotary(q, *inputs.rotary), apply_rotary(k, *inputs.rotary)
     new_kv = None
     if kv is not None:
-      start = (0, index, 0, 0)
-      keys = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
-      values = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
+      # kv = (keys [L, B, S, K, hd], values, this layer's index). The new tokens are written into
+      # the stacked cache first and the layer's slice is read after, so the write is in place (a
+      # read before the write would make XLA copy the whole cache every layer).
+      keys, values, layer = kv
+      start = (layer, 0, index, 0, 0)
+      keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype)[None], start)
+      values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype)[None], start)
       new_kv = (keys, values)
-      k, v = keys.astype(q.dtype), values.astype(q.dtype)
-    out = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap)
+      k = jax.lax.dynamic_index_in_dim(keys, layer, keepdims=False).astype(q.dtype)
+      v = jax.lax.dynamic_index_in_dim(values, layer, keepdims=False).astype(q.dtype)
+    if scale is None:
+      layer_scale = self.scale
+    else:  # a per-layer scale scanned as data: applied to q, which the soft-cap sees the same
+      q = (q * scale.astype(q.dtype)).astype(q.dtype)
+      layer_scale = 1.0
+    out = attend(
+      q, k, v, inputs, scale=layer_scale, window=window, softcap=self.softcap, impl=impl
+    )
+    out = constrain(out, BTHD, mesh)
     return self.o_proj(out.reshape(b, t, q_size)), new_kv
 
 
@@ -304,23 +363,28 @@ class MLP(nnx.Module):
     self.up_proj = linear(c.hidden_size, c.intermediate_size, kernel_axes=("embed", "mlp"))
     self.down_proj = linear(c.intermediate_size, c.hidden_size, kernel_axes=("mlp", "embed"))
 
-  def __call__(self, x: Float[Array, "B T d"]) -> Float[Array, "B T d"]:
+  def __call__(
+    self, x: Float[Array, "B T d"], *, mesh: Mesh | None = None
+  ) -> Float[Array, "B T d"]:
     act = _activation(self.activation)
     if self.gate_proj is not None:
-      return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
-    return self.down_proj(act(self.up_proj(x)))
+      hidden = act(self.gate_proj(x)) * self.up_proj(x)
+    else:
+      hidden = act(self.up_proj(x))
+    return self.down_proj(constrain(hidden, BTF, mesh))
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block; Gemma 2 adds norms on the attention and MLP outputs (sandwich)."""
+  """Pre-norm residual block; Gemma 2 adds norms on the attention and MLP outputs (sandwich).
 
-  def __init__(
-    self, config: DecoderConfig, layer: int, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs
-  ):
+  One class for every layer: what differs between layers (the window, GPT-2's per-layer scale) is
+  an argument of the call, so the blocks stack and scan.
+  """
+
+  def __init__(self, config: DecoderConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.window = config.sliding_windows[layer]
     self.input_norm = _norm(config, config.hidden_size, **kw)
-    self.attn = Attention(config, layer, **kw)
+    self.attn = Attention(config, **kw)
     self.pre_mlp_norm = _norm(config, config.hidden_size, **kw)
     self.mlp = MLP(config, **kw)
     if config.sandwich_norm:
@@ -332,23 +396,25 @@ class Block(nnx.Module):
   def __call__(
     self,
     x: Float[Array, "B T d"],
-    rotary: tuple[Array, Array] | None,
-    mask: Bool[Array, "B T S"],
-    kv: tuple[Array, Array] | None = None,
+    inputs: AttentionInputs,
+    kv: tuple[Array, Array, Array] | None = None,
     index: Int[Array, ""] | None = None,
+    *,
+    window: int | Array | None,
+    scale: Array | None = None,
+    mesh: Mesh | None = None,
+    impl: str = "auto",
   ) -> tuple[Float[Array, "B T d"], tuple[Array, Array] | None]:
-    h, new_kv = self.attn(self.input_norm(x), rotary, mask, kv, index)
+    h, new_kv = self.attn(
+      self.input_norm(x), inputs, kv, index, window=window, scale=scale, mesh=mesh, impl=impl
+    )
     if self.post_attn_norm is not None:
       h = self.post_attn_norm(h)
     x = x + h
-    h = self.mlp(self.pre_mlp_norm(x))
+    h = self.mlp(self.pre_mlp_norm(x), mesh=mesh)
     if self.post_mlp_norm is not None:
       h = self.post_mlp_norm(h)
-    return x + h, new_kv
-
-
-def _run_block(block: Block, x: Array, rotary: Any, mask: Array) -> Array:
-  return block(x, rotary, mask)[0]
+    return constrain(x + h, BTD, mesh), new_kv
 
 
 def _cache_full_message(index: int, tokens: int, slots: int) -> str:
@@ -373,8 +439,56 @@ def _fail_on_device_if_full(index: Int[Array, ""], tokens: int, slots: int) -> N
   jax.lax.cond(overflow, lambda: jax.debug.callback(report, index), lambda: None)
 
 
+def _token_id_message(row: int, position: int, value: int, count: int, vocab_size: int) -> str:
+  return (
+    f"input_ids[{row}, {position}] = {value} is outside the vocabulary [0, {vocab_size}) "
+    f"({count} id(s) out of range); a tokenizer with a larger vocabulary than the checkpoint, or "
+    "a negative pad id, gives NaN logits"
+  )
+
+
+def _raise_bad_token_id(row, position, value, count, *, vocab_size: int) -> None:
+  if np.any(np.asarray(count) > 0):  # any: the arguments are batched under vmap
+    first = lambda a: int(np.asarray(a).ravel()[0])  # noqa: E731
+    raise ValueError(
+      _token_id_message(first(row), first(position), first(value), first(count), vocab_size)
+    )
+
+
+def check_token_ids(input_ids: Array, vocab_size: int) -> None:
+  """Integer ids in ``[0, vocab_size)``, or a named error (no silent NaN logits).
+
+  A float array is a ``TypeError``. Concrete ids out of range are a ``ValueError`` naming the first
+  row and position; traced ids (under ``jit``) are checked on the device, and only the first bad
+  id's coordinates (scalars) reach a host callback, which raises (a ``JaxRuntimeError``) in the
+  taken branch of a ``cond``: a valid batch never leaves the device.
+  """
+  if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+    raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+  t = input_ids.shape[-1]
+  if not isinstance(input_ids, jax.core.Tracer):
+    ids = np.asarray(input_ids)
+    bad = np.argwhere((ids < 0) | (ids >= vocab_size))
+    if len(bad):
+      row, position = (int(i) for i in bad[0])
+      raise ValueError(
+        _token_id_message(row, position, int(ids[row, position]), len(bad), vocab_size)
+      )
+    return
+  bad = ((input_ids < 0) | (input_ids >= vocab_size)).reshape(-1)
+  first = jnp.argmax(bad)
+  count = jnp.sum(bad, dtype=jnp.int32)
+  value = input_ids.reshape(-1)[first]
+  report = functools.partial(_raise_bad_token_id, vocab_size=vocab_size)
+  jax.lax.cond(
+    count > 0,
+    lambda: jax.debug.callback(report, first // t, first % t, value, count),
+    lambda: None,
+  )
+
+
 class Transformer(nnx.Module):
-  """The decoder body: embeddings, blocks and the final norm (no head).
+  """The decoder body: embeddings, scanned blocks and the final norm (no head).
 
   Args:
     config: the architecture.
@@ -382,7 +496,16 @@ class Transformer(nnx.Module):
     param_dtype: parameter dtype.
     remat: ``None`` or a policy name in :data:`REMAT_POLICIES` applied to every block (training
       without a cache only).
+    attention_impl: ``impl`` of :func:`alignax.kernels.attention.attention` (``"auto"``: the
+      memory-efficient kernel the backend has been validated with; ``"reference"``: the dense
+      oracle).
     rngs: initialisation randomness.
+
+  Attributes:
+    layers: one :class:`Block` whose parameters are stacked ``[L, ...]`` (layer ``i`` is index
+      ``i``).
+    mesh: the mesh the model was placed on (set by ``shard_model`` / ``from_pretrained(mesh=)``),
+      on which the activations are constrained; None uses the context mesh, if any.
   """
 
   def __init__(
@@ -392,13 +515,17 @@ class Transformer(nnx.Module):
     dtype: DType = jnp.float32,
     param_dtype: DType = jnp.float32,
     remat: str | None = None,
+    attention_impl: str = "auto",
     rngs: nnx.Rngs,
   ):
     if remat is not None:
       _validate.choice("remat", remat, REMAT_POLICIES)
+    _validate.choice("attention_impl", attention_impl, ATTENTION_IMPLEMENTATIONS)
     self.config = config
     self.dtype = dtype
     self.remat = remat
+    self.attention_impl = attention_impl
+    self.mesh: Mesh | None = None
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.embed = Embed(config.vocab_size, config.hidden_size, **kw)
     self.pos_embed = (
@@ -406,11 +533,15 @@ class Transformer(nnx.Module):
       if config.position_embedding == "learned"
       else None
     )
-    self.layers = nnx.List([Block(config, i, **kw) for i in range(config.num_layers)])
+    self.layers = stack_modules([Block(config, **kw) for _ in range(config.num_layers)])
     self.final_norm = _norm(config, config.hidden_size, **kw)
 
   def init_cache(self, batch: int, max_len: int, dtype: DType | None = None) -> KVCache:
-    """An empty cache of ``max_len`` slots per row, keys/values in ``dtype`` (default: compute)."""
+    """An empty cache of ``max_len`` slots per row, keys/values in ``dtype`` (default: compute).
+
+    On a model placed on a mesh the cache is created sharded there: batch over ``(data, fsdp)``, KV
+    heads over ``tensor`` when their number divides it (replicated otherwise: never a split head).
+    """
     for name, value in (("batch", batch), ("max_len", max_len)):
       if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
@@ -420,21 +551,96 @@ class Transformer(nnx.Module):
         f"max_len={max_len} exceeds the learned position table ({c.max_position_embeddings})"
       )
     dtype = self.dtype if dtype is None else dtype
-    shape = (batch, max_len, c.num_kv_heads, c.head_dim)
+    shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+    kv_axes = (LAYERS, *BTKD)
+    valid_axes = ("activation_batch", "activation_length")
 
-    def empty() -> tuple[Array, ...]:
-      return tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))
+    def zeros(shape: tuple[int, ...], dtype: DType, axes: tuple[str | None, ...]) -> Array:
+      if self.mesh is None:
+        return jnp.zeros(shape, dtype)
+      from alignax.sharding import logical_to_mesh
+
+      spec = logical_to_mesh(axes, shape, self.mesh)
+      return jnp.zeros(shape, dtype, device=jax.sharding.NamedSharding(self.mesh, spec))
 
     return KVCache(
-      keys=empty(),
-      values=empty(),
-      valid=jnp.zeros((batch, max_len), bool),
-      index=jnp.zeros((), jnp.int32),
+      keys=zeros(shape, dtype, kv_axes),
+      values=zeros(shape, dtype, kv_axes),
+      valid=zeros((batch, max_len), bool, valid_axes),
+      index=zeros((), jnp.int32, ()),
     )
+
+  def _run_layers(
+    self,
+    x: Array,
+    inputs: AttentionInputs,
+    cache_kv: tuple[Array, Array] | None,
+    index: Array | None,
+  ) -> tuple[Array, tuple[Array, Array] | None]:
+    """The blocks under one ``lax.scan`` over ``L / p`` groups of ``p`` blocks."""
+    c = self.config
+    num_layers, mesh, impl = c.num_layers, self.mesh, self.attention_impl
+    period = window_period(c.sliding_windows)
+    if period is None:  # no repeating pattern: the window is scanned data
+      period, static_windows = 1, None
+      windows = jnp.asarray(
+        [NO_WINDOW if w is None else w for w in c.sliding_windows], jnp.int32
+      ).reshape(num_layers, 1)
+    else:
+      static_windows, windows = c.sliding_windows[:period], None
+    groups = num_layers // period
+    scales = None
+    if uniform_attention_scale(c) is None:
+      scales = jnp.asarray(
+        [c.layer_attention_scale(i) for i in range(num_layers)], jnp.float32
+      ).reshape(groups, period)
+
+    graphdef, stacked, rest = nnx.split(self.layers, is_stacked, ...)
+
+    def regroup(a: Array) -> Array:
+      return a.reshape(groups, period, *a.shape[1:])
+
+    def layer(params, rest, x, inputs, kv, window, scale, *, static_window):
+      block = nnx.merge(graphdef, params, rest)
+      x, new_kv = block(
+        x, inputs, kv, index,
+        window=static_window if window is None else window, scale=scale, mesh=mesh, impl=impl,
+      )
+      return x, new_kv, nnx.split(block, is_stacked, ...)[2]
+
+    use_remat = self.remat is not None and cache_kv is None
+    layer_fns = []
+    for j in range(period):
+      fn = functools.partial(
+        layer, static_window=None if static_windows is None else static_windows[j]
+      )
+      layer_fns.append(jax.checkpoint(fn, policy=REMAT_POLICIES[self.remat]) if use_remat else fn)
+
+    def body(carry, xs):
+      # The stacked cache rides in the carry; each layer writes its new tokens in place, so a
+      # decode step never copies the cache.
+      x, rest, cache = carry
+      params, group, window, scale = xs
+      for j in range(period):
+        x, cache, rest = layer_fns[j](
+          jax.tree.map(lambda a: a[j], params),
+          rest,
+          x,
+          inputs,
+          None if cache is None else (*cache, group * period + j),
+          None if window is None else window[j],
+          None if scale is None else scale[j],
+        )
+      return (x, rest, cache), None
+
+    xs = (jax.tree.map(regroup, stacked), jnp.arange(groups), windows, scales)
+    (x, rest, cache_kv), _ = jax.lax.scan(body, (x, rest, cache_kv), xs)
+    nnx.update(self.layers, rest)
+    return x, cache_kv
 
   def __call__(
     self,
-    input_ids: Int[IntLike, "B T"],
+    input_ids: Shaped[IntLike, "B T"],
     attention_mask: Shaped[IntLike, "B T"] | None = None,
     positions: Int[IntLike, "B T"] | None = None,
     segment_ids: Int[IntLike, "B T"] | None = None,
@@ -446,6 +652,7 @@ class Transformer(nnx.Module):
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids must be [batch, time], got shape {list(input_ids.shape)}")
+    check_token_ids(input_ids, c.vocab_size)
     b, t = input_ids.shape
     mask = (
       jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
@@ -485,35 +692,18 @@ class Transformer(nnx.Module):
       x = x + self.pos_embed(positions)
     else:
       rotary = rotary_tables(positions, rope_inverse_frequencies(c), self.dtype)
+    x = constrain(x, BTD, self.mesh)
 
     if cache is None:
-      query_index, key_valid, index = jnp.arange(t), mask, None
-    else:
-      index = cache.index
-      key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
-      query_index = index + jnp.arange(t)
-    masks = {
-      w: attention_mask_for(
-        query_index, key_valid, window=w, query_segments=segment_ids, key_segments=segment_ids
-      )
-      for w in set(c.sliding_windows)
-    }
-
-    new_keys, new_values = [], []
-    for i, block in enumerate(self.layers):
-      if cache is not None:
-        x, (k, v) = block(x, rotary, masks[block.window], (cache.keys[i], cache.values[i]), index)
-        new_keys.append(k)
-        new_values.append(v)
-      elif self.remat is not None:
-        run = nnx.remat(_run_block, policy=REMAT_POLICIES[self.remat])
-        x = run(block, x, rotary, masks[block.window])
-      else:
-        x = _run_block(block, x, rotary, masks[block.window])
-    hidden = self.final_norm(x)
-    if cache is None:
-      return hidden, None
-    return hidden, KVCache(tuple(new_keys), tuple(new_values), key_valid, index + t)
+      inputs = AttentionInputs(rotary, jnp.arange(t), mask, segment_ids, None)
+      x, _ = self._run_layers(x, inputs, None, None)
+      return constrain(self.final_norm(x), BTD, self.mesh), None
+    index = cache.index
+    key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
+    inputs = AttentionInputs(rotary, index + jnp.arange(t), key_valid, None, index + t)
+    x, (keys, values) = self._run_layers(x, inputs, (cache.keys, cache.values), index)
+    hidden = constrain(self.final_norm(x), BTD, self.mesh)
+    return hidden, KVCache(keys, values, key_valid, index + t)
 
 
 class CausalLM(nnx.Module):
@@ -526,10 +716,15 @@ class CausalLM(nnx.Module):
     dtype: DType = jnp.float32,
     param_dtype: DType = jnp.float32,
     remat: str | None = None,
+    attention_impl: str = "auto",
     rngs: nnx.Rngs,
   ):
     self.config = config
-    self.model = Transformer(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+    self.dtype = dtype
+    self.model = Transformer(
+      config, dtype=dtype, param_dtype=param_dtype, remat=remat, attention_impl=attention_impl,
+      rngs=rngs,
+    )
     self.lm_head = (
       None
       if config.tie_word_embeddings
@@ -548,29 +743,36 @@ class CausalLM(nnx.Module):
     return self.model.init_cache(batch, max_len, dtype)
 
   def get_lm_head(self) -> LMHead:
-    """The LM head as arrays for the fused log-prob kernel (parameter dtype, weight ``[V, d]``)."""
+    """The LM head as arrays for the fused log-prob kernel: exactly what :meth:`logits` computes.
+
+    ``weight`` is ``[V, d]`` in the compute dtype: the embedding matrix when tied, else the head's
+    effective kernel ``W + s · A B`` when it carries an (enabled) LoRA adapter. The kernel and
+    :meth:`logits` both multiply it with compute-dtype hidden states, accumulating in fp32.
+    """
     if self.lm_head is None:
       weight = self.model.embed.embedding[...]
     else:
-      if self.lm_head.lora is not None:
-        raise ValueError("get_lm_head: lm_head carries a LoRA adapter; merge it first")
-      weight = self.lm_head.kernel[...].T
-    return LMHead(weight=weight, bias=None, softcap=self.config.final_softcap, logit_scale=1.0)
+      weight = self.lm_head.effective_kernel().T
+    return LMHead(
+      weight=weight.astype(self.dtype), bias=None, softcap=self.config.final_softcap,
+      logit_scale=1.0,
+    )
 
   def logits(self, hidden: Float[Array, "*b d"]) -> Float[Array, "*b V"]:
-    """``softcap · tanh(h Wᵀ / softcap)`` in fp32 (no capping when the family has none)."""
-    if self.lm_head is None:
-      embedding = self.model.embed.embedding[...].astype(hidden.dtype)
-      logits = jnp.dot(hidden, embedding.T)
-    else:
-      logits = self.lm_head(hidden)
-    logits = logits.astype(jnp.float32)
-    cap = self.config.final_softcap
+    """``softcap · tanh(h Wᵀ / softcap)``, accumulated and returned in fp32 (no cap when the family
+    has none), from compute-dtype inputs: what the fused kernel computes with :meth:`get_lm_head`."""
+    head = self.get_lm_head()
+    logits = jnp.einsum(
+      "...d,vd->...v", hidden.astype(self.dtype), head.weight, preferred_element_type=jnp.float32
+    )
+    if logits.ndim == 3:
+      logits = constrain(logits, BTV, self.model.mesh)
+    cap = head.softcap
     return logits if cap is None else cap * jnp.tanh(logits / cap)
 
   def __call__(
     self,
-    input_ids: Int[IntLike, "B T"],
+    input_ids: Shaped[IntLike, "B T"],
     attention_mask: Shaped[IntLike, "B T"] | None = None,
     positions: Int[IntLike, "B T"] | None = None,
     segment_ids: Int[IntLike, "B T"] | None = None,
@@ -581,7 +783,9 @@ class CausalLM(nnx.Module):
     """Runs the decoder; prefill and decode are this call with a cache.
 
     Args:
-      input_ids: ``[B, T]`` token ids.
+      input_ids: ``[B, T]`` integer token ids in ``[0, V)`` (a float array is a ``TypeError``; an
+        id out of range a ``ValueError`` naming its row and position, or under ``jit`` a
+        ``JaxRuntimeError`` raised from the device).
       attention_mask: ``[B, T]`` True (or 1) for real tokens; default all real.
       positions: ``[B, T]`` position ids; default see the module docstring.
       segment_ids: ``[B, T]`` packed-sequence ids; tokens attend only within their segment.

@@ -10,8 +10,9 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Bool, Float, Int, Shaped
+from jaxtyping import Array, Float, Int, Shaped
 
+from alignax.aggregation import last_valid_token
 from alignax.models.config import DecoderConfig
 from alignax.models.decoder import IntLike, Transformer
 from alignax.models.layers import DType, Linear
@@ -29,16 +30,6 @@ class ScoreOutput(NamedTuple):
   hidden_states: Float[Array, "B T d"]
 
 
-def last_token_index(attention_mask: Bool[Array, "B T"]) -> Int[Array, " B"]:
-  """Index of the right-most real token of each row (left or right padding); 0 for an empty row.
-
-  Hugging Face finds it from ``input_ids != pad_token_id``; the mask says the same without needing a
-  pad id.
-  """
-  t = attention_mask.shape[-1]
-  return jnp.max(jnp.where(attention_mask, jnp.arange(t), 0), axis=-1)
-
-
 class _ScoredDecoder(nnx.Module):
   def __init__(
     self,
@@ -48,10 +39,14 @@ class _ScoredDecoder(nnx.Module):
     dtype: DType = jnp.float32,
     param_dtype: DType = jnp.float32,
     remat: str | None = None,
+    attention_impl: str = "auto",
     rngs: nnx.Rngs,
   ):
     self.config = config
-    self.model = Transformer(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+    self.model = Transformer(
+      config, dtype=dtype, param_dtype=param_dtype, remat=remat, attention_impl=attention_impl,
+      rngs=rngs,
+    )
     self.score = Linear(
       config.hidden_size,
       num_labels,
@@ -111,5 +106,6 @@ class RewardModel(_ScoredDecoder):
     hidden, scores = self._hidden_and_scores(input_ids, attention_mask, positions, segment_ids)
     b, t = hidden.shape[:2]
     mask = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
-    last = last_token_index(mask)
-    return ScoreOutput(jnp.take_along_axis(scores, last[:, None, None], axis=1)[:, 0], hidden)
+    # The read-out as a one-hot contraction: an empty row scores 0 instead of reading a pad.
+    last = last_valid_token(mask).astype(scores.dtype)
+    return ScoreOutput(jnp.einsum("bt,btl->bl", last, scores), hidden)

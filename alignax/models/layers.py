@@ -2,8 +2,11 @@
 
 Every parameter carries logical axis names in its ``out_sharding`` metadata (``vocab``,
 ``embed``, ``mlp``, ``heads``, ``kv_heads``, ``head_dim``, ...). They are created with
-``eager_sharding=False`` so a model can be built without a mesh; :mod:`alignax.models.sharding` maps
-the names to mesh axes.
+``eager_sharding=False`` so a model can be built without a mesh; :mod:`alignax.sharding` maps the
+names to mesh axes. A dimension made of indivisible units (the ``H·hd`` columns of a query
+projection are ``H`` heads of ``hd``) also carries ``sharding_units`` so that no device ever holds
+part of a head. The decoder stacks its blocks' parameters over a leading ``layers`` axis
+(:func:`stack_modules`) and scans over it.
 """
 
 from collections.abc import Callable, Iterator
@@ -24,13 +27,52 @@ def param(
   shape: tuple[int, ...],
   param_dtype: DType,
   axes: tuple[str | None, ...],
+  units: tuple[int, ...] | None = None,
 ) -> nnx.Param:
-  """A parameter initialised with ``init`` and tagged with the logical axis names ``axes``."""
+  """A parameter initialised with ``init``, tagged with logical ``axes`` and ``units`` per dim."""
   if len(axes) != len(shape):
     raise ValueError(f"axes {axes} do not match the parameter shape {shape}")
+  units = (1,) * len(shape) if units is None else tuple(units)
   return nnx.Param(
-    init(rngs.params(), shape, param_dtype), out_sharding=tuple(axes), eager_sharding=False
+    init(rngs.params(), shape, param_dtype),
+    out_sharding=tuple(axes),
+    sharding_units=units,
+    eager_sharding=False,
   )
+
+
+LAYERS = "layers"
+
+
+def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
+  """One module whose every variable is the stack of the ``modules``' over a new leading axis.
+
+  The modules must share their structure (same graph, shapes and static attributes). The stacked
+  variables' logical axes gain a leading ``"layers"`` name (never sharded) and unit 1.
+  """
+  graphdef, _ = nnx.split(modules[0])
+  states = [nnx.state(m) for m in modules]
+
+  def stack(*variables: nnx.Variable) -> nnx.Variable:
+    meta = variables[0].get_metadata()
+    axes = meta.get("out_sharding") or (None,) * variables[0].ndim
+    units = meta.get("sharding_units") or (1,) * variables[0].ndim
+    value = jnp.stack([v[...] for v in variables])
+    return type(variables[0])(
+      value, **{**meta, "out_sharding": (LAYERS, *axes), "sharding_units": (1, *units)}
+    )
+
+  stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.merge(graphdef, stacked)
+
+
+def is_stacked(path: tuple, x: object) -> bool:
+  """NNX filter: a variable stacked over layers (first logical axis ``"layers"``)."""
+  del path
+  if not isinstance(x, nnx.Variable):
+    return False
+  axes = x.get_metadata().get("out_sharding") or ()
+  return len(axes) > 0 and axes[0] == LAYERS
 
 
 class Linear(nnx.Module):
@@ -52,14 +94,20 @@ class Linear(nnx.Module):
     param_dtype: DType,
     kernel_axes: tuple[str | None, str | None],
     rngs: nnx.Rngs,
+    kernel_units: tuple[int, int] = (1, 1),
     kernel_init: Initializer = nnx.initializers.normal(0.02),
   ):
     self.in_features = in_features
     self.out_features = out_features
     self.dtype = dtype
-    self.kernel = param(rngs, kernel_init, (in_features, out_features), param_dtype, kernel_axes)
+    self.kernel = param(
+      rngs, kernel_init, (in_features, out_features), param_dtype, kernel_axes, kernel_units
+    )
     self.bias = (
-      param(rngs, nnx.initializers.zeros, (out_features,), param_dtype, kernel_axes[1:])
+      param(
+        rngs, nnx.initializers.zeros, (out_features,), param_dtype, kernel_axes[1:],
+        kernel_units[1:],
+      )
       if use_bias
       else None
     )
@@ -68,6 +116,17 @@ class Linear(nnx.Module):
 
   def __call__(self, x: Float[Array, "*b d_in"]) -> Float[Array, "*b d_out"]:
     y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    return self._finish(x, y)
+
+  def effective_kernel(self) -> Float[Array, "*l d_in d_out"]:
+    """``W + s · A B`` (fp32 sum, rounded to the parameter dtype) with an enabled adapter; else W."""
+    kernel = self.kernel[...]
+    lora = self.lora
+    if lora is None or not getattr(lora, "enabled", True):
+      return kernel
+    return (kernel.astype(jnp.float32) + lora.delta_kernel()).astype(kernel.dtype)
+
+  def _finish(self, x: Array, y: Array) -> Array:
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora is not None:
@@ -149,7 +208,11 @@ class Embed(nnx.Module):
 
 
 def iter_linears(module: nnx.Module) -> Iterator[tuple[str, Linear]]:
-  """Yields ``(dotted path, Linear)`` for every :class:`Linear` in ``module``, in graph order."""
+  """Yields ``(dotted path, Linear)`` for every :class:`Linear` in ``module``, in graph order.
+
+  A decoder's stacked projection is one ``Linear`` (``model.layers.attn.q_proj``, kernel
+  ``[L, in, out]``) for all its layers.
+  """
   for path, node in nnx.iter_graph(module):
     if isinstance(node, Linear):
       yield ".".join(str(p) for p in path), node

@@ -15,6 +15,15 @@ subclass of ``nnx.Param``), so the optimiser selects them by type and leaves the
 The reference model of DPO/PPO is ``lora_disabled(model)``: a view that shares every weight with the
 policy and skips the adapters, so it costs no second copy of the base. Adapters save and load alone,
 in the PEFT layout (``adapter_model.safetensors`` + ``adapter_config.json``).
+
+Whether an adapter counts is never hidden state: :func:`merge_lora` returns a *new* model whose
+kernels hold ``W + s · A B`` and which has no adapters (the input is untouched), so a reference view
+of the policy stays the base model, a view of a merged model raises ("no adapters"), and restoring a
+merged state cannot add the update twice. The only switch, ``enabled``, belongs to a
+:func:`lora_disabled` view, never to the model.
+
+On the decoder's stacked (scanned) projections the adapters are stacked too: ``A [L, in, r]``,
+``B [L, r, out]``; saved and loaded per layer under the checkpoint's ``model.layers.{i}.…`` names.
 """
 
 import dataclasses
@@ -36,7 +45,7 @@ from alignax import _validate
 from alignax.models import checkpoint
 from alignax.models.config import DecoderConfig
 from alignax.models.decoder import CausalLM
-from alignax.models.layers import DType, Linear, iter_linears
+from alignax.models.layers import LAYERS, DType, Linear, iter_linears
 
 LoRAParam = nnx.LoRAParam
 
@@ -93,9 +102,9 @@ class LoRA(nnx.Module):
   carries the logical axes of its projection (``A``: ``(in_axis, None)``, ``B``: ``(None,
   out_axis)``) so the sharding rules place it next to the kernel it updates.
 
-  Two static flags decide what the call returns: ``enabled`` (False in a :func:`lora_disabled`
-  view) and ``merged`` (True after :func:`merge_lora`, when the update already lives in the kernel).
-  Either one turns the call into a zero update.
+  ``layers`` stacks the factors over a leading axis (``A [L, in, r]``, ``B [L, r, out]``) for the
+  decoder's scanned projections; the scan hands each layer its slice. The static ``enabled`` is
+  False only in a :func:`lora_disabled` view, where the call adds nothing.
   """
 
   def __init__(
@@ -107,39 +116,47 @@ class LoRA(nnx.Module):
     dtype: DType = jnp.float32,
     param_dtype: DType = jnp.float32,
     kernel_axes: tuple[str | None, str | None] = (None, None),
+    kernel_units: tuple[int, int] = (1, 1),
+    layers: int | None = None,
     rngs: nnx.Rngs,
   ):
     self.config = config
     self.out_features = out_features
     self.dtype = dtype
-    a_init = jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+    lead = () if layers is None else (layers,)
+    lead_axes = () if layers is None else (LAYERS,)
+    # fan_in is `in` per layer: the stacked axis is a batch axis, not part of the fan-in.
+    a_init = jax.nn.initializers.variance_scaling(
+      1 / 3, "fan_in", "uniform", batch_axis=tuple(range(len(lead)))
+    )
     self.lora_a = LoRAParam(
-      a_init(rngs.params(), (in_features, config.rank), param_dtype),
-      out_sharding=(kernel_axes[0], None),
+      a_init(rngs.params(), (*lead, in_features, config.rank), param_dtype),
+      out_sharding=(*lead_axes, kernel_axes[0], None),
+      sharding_units=(*(1,) * len(lead), kernel_units[0], 1),
       eager_sharding=False,
     )
     self.lora_b = LoRAParam(
-      jnp.zeros((config.rank, out_features), param_dtype),
-      out_sharding=(None, kernel_axes[1]),
+      jnp.zeros((*lead, config.rank, out_features), param_dtype),
+      out_sharding=(*lead_axes, None, kernel_axes[1]),
+      sharding_units=(*(1,) * len(lead), 1, kernel_units[1]),
       eager_sharding=False,
     )
     self.dropout = nnx.Dropout(config.dropout, rngs=rngs if config.dropout > 0 else None)
     self.enabled = True
-    self.merged = False
 
   def set_view(self, lora_enabled: bool | None = None):
     """Hook of ``nnx.view``: ``nnx.view(model, lora_enabled=False)`` switches adapters off."""
     if lora_enabled is not None:
       self.enabled = lora_enabled
 
-  def delta_kernel(self) -> Float[Array, "d_in d_out"]:
-    """``ΔW = s · A B`` in fp32, the update :func:`merge_lora` folds into the kernel."""
+  def delta_kernel(self) -> Float[Array, "*l d_in d_out"]:
+    """``ΔW = s · A B`` in fp32 (per layer when stacked), the update :func:`merge_lora` folds in."""
     a = self.lora_a[...].astype(jnp.float32)
     b = self.lora_b[...].astype(jnp.float32)
     return self.config.scale * (a @ b)
 
   def __call__(self, x: Float[Array, "*b d_in"]) -> Float[Array, "*b d_out"]:
-    if not self.enabled or self.merged:
+    if not self.enabled:
       return jnp.zeros((*x.shape[:-1], self.out_features), self.dtype)
     h = self.dropout(x).astype(self.dtype)
     return (h @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype) * (
@@ -164,7 +181,8 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> tupl
     rngs: randomness for ``A`` (``params`` stream) and, with dropout, the ``dropout`` stream.
 
   Returns:
-    The dotted paths of the adapted projections, in graph order.
+    The dotted paths of the adapted projections, in graph order; a stacked projection gives one
+    per layer (``model.layers.{i}.attn.q_proj``).
 
   Raises:
     ValueError: a target name matches no projection (the message lists the available names), or a
@@ -186,16 +204,33 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> tupl
     raise ValueError(f"target_modules {unused} match no projection; the model has {names}")
   for _, linear in adapted:
     kernel = linear.kernel
+    stacked = kernel.ndim == 3
+    axes = tuple(kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim)
+    units = tuple(kernel.get_metadata().get("sharding_units") or (1,) * kernel.ndim)
     linear.lora = LoRA(
       linear.in_features,
       linear.out_features,
       config,
       dtype=linear.dtype,
       param_dtype=kernel.dtype if config.param_dtype is None else config.param_dtype,
-      kernel_axes=tuple(kernel.get_metadata("out_sharding", (None, None))),
+      kernel_axes=axes[-2:],
+      kernel_units=units[-2:],
+      layers=kernel.shape[0] if stacked else None,
       rngs=rngs,
     )
-  return tuple(path for path, _ in adapted)
+  return tuple(name for path, linear in adapted for name, _ in _per_layer(path, linear))
+
+
+def _per_layer(path: str, linear: Linear) -> list[tuple[str, int | None]]:
+  """``(name, layer)`` of each layer a projection holds: its path, or one per stacked layer with
+  the index after ``layers`` (``model.layers.attn.q_proj`` → ``model.layers.3.attn.q_proj``)."""
+  if linear.kernel.ndim == 2:
+    return [(path, None)]
+  parts = path.split(".")
+  at = parts.index(LAYERS) + 1 if LAYERS in parts else len(parts)
+  return [
+    (".".join([*parts[:at], str(i), *parts[at:]]), i) for i in range(linear.kernel.shape[0])
+  ]
 
 
 def _adapters(model: nnx.Module) -> list[tuple[str, Linear, LoRA]]:
@@ -205,49 +240,32 @@ def _adapters(model: nnx.Module) -> list[tuple[str, Linear, LoRA]]:
   return found
 
 
-def _set_kernel(linear: Linear, value: Array) -> None:
-  old = linear.kernel[...]
-  value = value.astype(old.dtype)
-  if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer):
-    value = jax.device_put(value, old.sharding)  # keep the kernel where the mesh put it
-  linear.kernel[...] = value
+def merge_lora(model: nnx.Module) -> nnx.Module:
+  """A new model whose kernels are ``W + s · A B`` and which carries no adapters.
 
-
-def merge_lora(model: nnx.Module) -> None:
-  """Folds every adapter into its kernel, ``W ← W + s · A B``; the adapters then add nothing.
-
-  Afterwards the forward pass costs what the base model costs, and ``save_pretrained`` writes the
-  fine-tuned weights. Do not train while merged (the adapters receive no gradient); call
-  :func:`unmerge_lora` first. The sum is formed in fp32 and rounded once to the kernel dtype.
+  The input model is untouched (the returned one shares every array it does not change), so a
+  :func:`lora_disabled` reference of the input keeps seeing the base weights. The result runs at
+  the base model's cost and ``save_pretrained`` writes the fine-tuned weights; a view or a restore
+  of it cannot count the update twice (it has no adapters). The sum is formed in fp32 and rounded
+  once to the kernel dtype; kernels keep their sharding.
 
   Raises:
-    ValueError: the model has no adapters, or one is already merged.
+    ValueError: the model has no adapters, or is a :func:`lora_disabled` view (merge the policy).
   """
-  adapters = _adapters(model)
-  for path, _, lora in adapters:
-    if lora.merged:
-      raise ValueError(f"{path}: adapter already merged")
-  for _, linear, lora in adapters:
-    _set_kernel(linear, linear.kernel[...].astype(jnp.float32) + lora.delta_kernel())
-    lora.merged = True
-
-
-def unmerge_lora(model: nnx.Module) -> None:
-  """Takes every merged adapter out of its kernel again, ``W ← W - s · A B``.
-
-  In fp32 the original kernel comes back up to rounding of the add and subtract (~1 ulp of ``W``);
-  with bf16 kernels the round trip loses bits, so keep an fp32 copy when it matters.
-
-  Raises:
-    ValueError: the model has no adapters, or one is not merged.
-  """
-  adapters = _adapters(model)
-  for path, _, lora in adapters:
-    if not lora.merged:
-      raise ValueError(f"{path}: adapter is not merged")
-  for _, linear, lora in adapters:
-    _set_kernel(linear, linear.kernel[...].astype(jnp.float32) - lora.delta_kernel())
-    lora.merged = False
+  for path, _, lora in _adapters(model):
+    if not lora.enabled:
+      raise ValueError(
+        f"{path}: adapter is disabled (a lora_disabled view); merge the model itself"
+      )
+  merged = nnx.clone(model)  # new Variables over the same arrays: the input stays as it is
+  for _, linear, _ in _adapters(merged):
+    old = linear.kernel[...]
+    value = linear.effective_kernel()
+    if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer):
+      value = jax.device_put(value, old.sharding)  # keep the kernel where the mesh put it
+    linear.kernel[...] = value
+    linear.lora = None
+  return merged
 
 
 def lora_disabled(model: nnx.Module) -> nnx.Module:
@@ -256,33 +274,32 @@ def lora_disabled(model: nnx.Module) -> nnx.Module:
   Built with ``nnx.view``: the view holds the same ``Variable`` objects as the model (no copy), so
   optimiser updates to the base or the adapters are seen by both, and both can be passed to one
   ``nnx.jit`` step (DPO/PPO: the policy is ``model``, the reference ``lora_disabled(model)``). The
-  switch is a static attribute, so the disabled forward compiles without any adapter matmul.
-  The view reads the shared kernels, so after :func:`merge_lora` on the model it would see the
-  merged weights: do not merge while a reference view is in use.
+  switch is a static attribute of the view only, so the disabled forward compiles without any
+  adapter matmul and the model itself keeps its adapters on. :func:`merge_lora` never changes the
+  model, so the view stays the base model.
 
   Raises:
-    ValueError: the model has no adapters (the "reference" would silently be the policy itself), or
-      an adapter is merged (the base weights are not available without unmerging).
+    ValueError: the model has no adapters (the "reference" would silently be the policy itself,
+      e.g. a merged model).
   """
-  for path, _, lora in _adapters(model):
-    if lora.merged:
-      raise ValueError(f"{path}: adapter is merged into the kernel; unmerge_lora first")
+  _adapters(model)
   return nnx.view(model, only=LoRA, lora_enabled=False)
 
 
 def _module_names(model: nnx.Module) -> dict[str, str]:
-  """Projection path → module name in saved adapters.
+  """Per-layer projection path → module name in saved adapters.
 
   Decoders built from a Hugging Face config use the checkpoint's module names
   (``model.layers.0.attn.q_proj`` → ``model.layers.0.self_attn.q_proj``), so PEFT and
   ``transformers`` find the adapted layers; any other module keeps its NNX paths.
   """
   config = getattr(model, "config", None)
+  paths = [name for p, linear in iter_linears(model) for name, _ in _per_layer(p, linear)]
   if not isinstance(config, DecoderConfig):
-    return {path: path for path, _ in iter_linears(model)}
+    return {path: path for path in paths}
   return {
     path: checkpoint.hf_name(config, (*path.split("."), "kernel")).removesuffix(".weight")
-    for path, _ in iter_linears(model)
+    for path in paths
   }
 
 
@@ -298,7 +315,8 @@ def save_lora(model: nnx.Module, path: str | os.PathLike[str]) -> None:
   ``<...>.lora_B.weight`` ``[out, r]`` (the ``nn.Linear`` layout: the transposes of ``A`` and
   ``B``) in the parameter dtype. ``adapter_config.json`` holds ``r``, ``lora_alpha``,
   ``lora_dropout``, ``use_rslora`` and the adapted ``target_modules`` under their checkpoint names.
-  Sharded adapters are gathered to the host; merged adapters save their factors all the same.
+  Sharded adapters are gathered to the host; stacked adapters are written per layer
+  (``model.layers.{i}.…``).
 
   Args:
     model: a model with adapters (see :func:`apply_lora`).
@@ -315,10 +333,14 @@ def save_lora(model: nnx.Module, path: str | os.PathLike[str]) -> None:
   rank, alpha, use_rslora, dropout = settings.pop()
   names = _module_names(model)
   tensors = {}
-  for module_path, _, lora in adapters:
-    key = PEFT_PREFIX + names[module_path]
-    tensors[f"{key}.lora_A.weight"] = lora.lora_a[...].T
-    tensors[f"{key}.lora_B.weight"] = lora.lora_b[...].T
+  modules = []
+  for module_path, linear, lora in adapters:
+    a, b = lora.lora_a[...], lora.lora_b[...]
+    for name, layer in _per_layer(module_path, linear):
+      key = PEFT_PREFIX + names[name]
+      modules.append(names[name])
+      tensors[f"{key}.lora_A.weight"] = (a if layer is None else a[layer]).T
+      tensors[f"{key}.lora_B.weight"] = (b if layer is None else b[layer]).T
   config = getattr(model, "config", None)
   peft_config = {
     "peft_type": "LORA",
@@ -327,7 +349,7 @@ def save_lora(model: nnx.Module, path: str | os.PathLike[str]) -> None:
     "lora_alpha": alpha,
     "lora_dropout": dropout,
     "use_rslora": use_rslora,
-    "target_modules": sorted({names[p].rsplit(".", 1)[-1] for p, _, _ in adapters}),
+    "target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}),
     "bias": "none",
     # PEFT's flag for base weights stored [in, out], as GPT-2's Conv1D.
     "fan_in_fan_out": isinstance(config, DecoderConfig) and config.model_type == "gpt2",
@@ -403,13 +425,21 @@ def load_lora(
     shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
   linears = dict(iter_linears(model))
   names = _module_names(model)
-  adapted = [p for p in linears if f"{PEFT_PREFIX}{names[p]}.lora_A.weight" in shapes]
+  layer_paths = {p: _per_layer(p, linear) for p, linear in linears.items()}
+  # A stacked projection is adapted on every layer or none: any layer named in the file adapts it
+  # (its other layers are then reported missing).
+  adapted = [
+    p for p in linears
+    if any(f"{PEFT_PREFIX}{names[n]}.lora_A.weight" in shapes for n, _ in layer_paths[p])
+  ]
 
   wanted = {}
   for p in adapted:
-    linear, key = linears[p], PEFT_PREFIX + names[p]
-    wanted[f"{key}.lora_A.weight"] = (p, "lora_a", (settings.rank, linear.in_features))
-    wanted[f"{key}.lora_B.weight"] = (p, "lora_b", (linear.out_features, settings.rank))
+    linear = linears[p]
+    for n, layer in layer_paths[p]:
+      key = PEFT_PREFIX + names[n]
+      wanted[f"{key}.lora_A.weight"] = (p, layer, "lora_a", (settings.rank, linear.in_features))
+      wanted[f"{key}.lora_B.weight"] = (p, layer, "lora_b", (linear.out_features, settings.rank))
   problems = [] if adapted else ["no lora_A tensor names a projection of the model"]
   if unexpected := sorted(set(shapes) - set(wanted)):
     problems.append(f"tensors that name no projection of the model: {unexpected}")
@@ -417,13 +447,11 @@ def load_lora(
     problems.append(f"missing tensors: {missing}")
   if misshaped := [
     f"{k}: file {list(shapes[k])}, model {list(shape)}"
-    for k, (_, _, shape) in sorted(wanted.items())
+    for k, (_, _, _, shape) in sorted(wanted.items())
     if k in shapes and shapes[k] != shape
   ]:
     problems.append("mis-shaped tensors: " + "; ".join(misshaped))
   existing = [p for p, linear in linears.items() if isinstance(linear.lora, LoRA)]
-  if merged := [p for p in existing if linears[p].lora.merged]:
-    problems.append(f"adapters merged into their kernels: {merged}; unmerge_lora first")
   if existing and existing != adapted:
     problems.append(
       f"the model's adapters sit on {existing}, the file's on {adapted}; load into the base model"
@@ -440,9 +468,18 @@ def load_lora(
   if not existing:
     config = dataclasses.replace(settings, target_modules=tuple(adapted))
     apply_lora(model, config, rngs=nnx.Rngs(0) if rngs is None else rngs)
+  grouped: dict[tuple[str, str], list[tuple[int | None, str]]] = {}
+  for key, (p, layer, attr, _) in wanted.items():
+    grouped.setdefault((p, attr), []).append((layer, key))
   with safe_open(weights_path, framework="flax") as f:
-    for key, (p, attr, _) in wanted.items():
+    for (p, attr), keys in grouped.items():
       variable = getattr(linears[p].lora, attr)
       old = variable[...]
-      variable[...] = jax.device_put(f.get_tensor(key).T.astype(old.dtype), old.sharding)
-  return tuple(adapted)
+      parts = [f.get_tensor(key).T.astype(old.dtype) for _, key in sorted(keys, key=_layer_order)]
+      value = parts[0] if keys[0][0] is None else jnp.stack(parts)
+      variable[...] = jax.device_put(value, old.sharding)
+  return tuple(n for p in adapted for n, _ in layer_paths[p])
+
+
+def _layer_order(entry: tuple[int | None, str]) -> int:
+  return -1 if entry[0] is None else entry[0]

@@ -1,91 +1,37 @@
-"""Logical axis names → mesh axes, and helpers that place a model's parameters on a mesh.
+"""Placing a model's parameters on a mesh by their logical axis names.
 
-Parameters carry logical names in their ``out_sharding`` metadata (see
-:mod:`alignax.models.layers`). One rules table maps each name to a mesh axis (``data``, ``fsdp``,
-``tensor``) or to None (replicated).
-A mesh axis that the mesh lacks, that is already used by another dimension of the same parameter, or
-whose size does not divide the dimension (odd vocabularies such as 97) leaves that dimension
-replicated, so any mesh works with any checkpoint.
+The mesh policy itself (the ``(data, fsdp, tensor)`` mesh with Auto axes, the rules table,
+activation constraints) lives in :mod:`alignax.sharding`, which the whole library uses; the names
+are re-exported here. Parameters carry logical names and unit sizes in their metadata
+(``out_sharding``, ``sharding_units``; see :mod:`alignax.models.layers`), so a ``[d, K·hd]`` key
+projection is split over ``tensor`` only when the ``K`` heads divide it.
 
-The decoder relies on the compiler's sharding propagation (``AxisType.Auto``). ``jax.make_mesh``
-defaults to ``Explicit`` axes, under which every contraction of two sharded dimensions must name its
-output sharding; parameters are therefore placed on the ``Auto`` twin of the mesh given (same
-devices and axis names).
+A model placed on a mesh remembers it (``model.model.mesh``, static) and constrains its activations
+there without a context mesh. Meshes with Explicit axes are refused by name: the models do not
+convert them to a private Auto twin, so arrays from models, kernels and trainers share one mesh.
 """
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
-MeshAxes = str | tuple[str, ...] | None
-Rules = Sequence[tuple[str, MeshAxes]]
-
-# Megatron-style tensor parallelism over heads / MLP / vocab, ZeRO-3-style FSDP over the model dim.
-DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
-  ("batch", ("data", "fsdp")),
-  ("vocab", "tensor"),
-  ("embed", "fsdp"),
-  ("mlp", "tensor"),
-  ("heads", "tensor"),
-  ("kv_heads", "tensor"),
-  ("head_dim", None),
-)
+from alignax.sharding import DEFAULT_RULES as DEFAULT_RULES
+from alignax.sharding import MeshAxes as MeshAxes
+from alignax.sharding import Rules as Rules
+from alignax.sharding import batch_sharding as batch_sharding
+from alignax.sharding import check_auto
+from alignax.sharding import logical_to_mesh as logical_to_mesh
+from alignax.sharding import make_mesh as make_mesh
 
 
-def logical_to_mesh(
-  axes: Sequence[str | None],
-  shape: Sequence[int],
-  mesh: Mesh,
-  rules: Rules = DEFAULT_RULES,
-) -> PartitionSpec:
-  """The :class:`PartitionSpec` of an array with logical ``axes`` and ``shape`` on ``mesh``.
-
-  Args:
-    axes: one logical name (or None) per dimension.
-    shape: the array shape (a mesh axis that does not divide its dimension is dropped).
-    mesh: the device mesh.
-    rules: ``(logical name, mesh axis | tuple of mesh axes | None)`` pairs; the first match wins.
-
-  Returns:
-    The partition spec.
-  """
-  if len(axes) != len(shape):
-    raise ValueError(f"axes {tuple(axes)} do not match shape {tuple(shape)}")
-  table: Mapping[str, MeshAxes] = {}
-  for name, target in rules:
-    table.setdefault(name, target)
-  used: set[str] = set()
-  spec: list[MeshAxes] = []
-  for name, size in zip(axes, shape):
-    target = table.get(name) if name is not None else None
-    targets = (target,) if isinstance(target, str) else tuple(target or ())
-    kept = []
-    for axis in targets:
-      if axis not in mesh.shape or axis in used or mesh.shape[axis] == 1:
-        continue
-      if size % (mesh.shape[axis] * _product(mesh.shape[a] for a in kept)):
-        continue
-      kept.append(axis)
-    used.update(kept)
-    spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
-  return PartitionSpec(*spec)
-
-
-def _product(values) -> int:
-  out = 1
-  for v in values:
-    out *= v
-  return out
-
-
-def auto_axes(mesh: Mesh) -> Mesh:
-  """``mesh`` with every axis of type ``AxisType.Auto`` (itself when it already is)."""
-  if all(t == AxisType.Auto for t in mesh.axis_types):
-    return mesh
-  return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+def variable_spec(variable: nnx.Variable, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+  """The :class:`PartitionSpec` of one variable from its logical axes and unit sizes."""
+  meta = variable.get_metadata()
+  axes = meta.get("out_sharding") or (None,) * len(variable.shape)
+  units = meta.get("sharding_units") or (1,) * len(variable.shape)
+  return logical_to_mesh(axes, variable.shape, mesh, rules, units=units)
 
 
 def state_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
@@ -93,29 +39,38 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any
 
   Returns:
     An ``nnx.State`` of the same structure whose variables hold :class:`NamedSharding`s.
-  """
 
-  mesh = auto_axes(mesh)
+  Raises:
+    ValueError: ``mesh`` has Explicit axes (build it with :func:`alignax.sharding.make_mesh`).
+  """
+  check_auto(mesh)
 
   def one(variable: nnx.Variable) -> nnx.Variable:
-    axes = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
-    return variable.replace(NamedSharding(mesh, logical_to_mesh(axes, variable.shape, mesh, rules)))
+    return variable.replace(NamedSharding(mesh, variable_spec(variable, mesh, rules)))
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def set_mesh(model: nnx.Module, mesh: Mesh | None) -> None:
+  """Records ``mesh`` on every module of ``model`` that constrains activations (``.mesh``)."""
+  from alignax.models.decoder import Transformer
+
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, Transformer):
+      node.mesh = mesh
+
+
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.Module:
-  """Moves every parameter of ``model`` onto ``mesh`` per ``rules``, in place; returns ``model``."""
+  """Moves every parameter of ``model`` onto ``mesh`` per ``rules``, in place; returns ``model``.
+
+  The model then constrains its activations on ``mesh`` (batch over ``(data, fsdp)``), so a jitted
+  step needs no ``jax.set_mesh`` context.
+
+  Raises:
+    ValueError: ``mesh`` has Explicit axes.
+  """
   state = nnx.state(model)
   shardings = state_shardings(state, mesh, rules)
   nnx.update(model, jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings))
+  set_mesh(model, mesh)
   return model
-
-
-def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Rules = DEFAULT_RULES) -> NamedSharding:
-  """Sharding of a ``[batch, ...]`` input: the batch dimension over the ``batch`` rule's axes."""
-  targets = next((target for name, target in rules if name == "batch"), None)  # first match wins
-  targets = (targets,) if isinstance(targets, str) else tuple(targets or ())
-  kept = tuple(a for a in targets if a in mesh.shape)
-  first = None if not kept else kept[0] if len(kept) == 1 else kept
-  return NamedSharding(auto_axes(mesh), PartitionSpec(first, *([None] * (ndim - 1))))
