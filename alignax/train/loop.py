@@ -1,0 +1,237 @@
+"""The host loop every trainer runs: placement on the mesh, the jitted step, logging, checkpoints,
+exact resume, the NaN guard and the final export. An algorithm contributes only its ``Objective``
+(``alignax.train.objectives``) and its batches (``alignax.data``); adding one never touches this loop.
+
+Resume is exact: a checkpoint holds the parameters, the optimizer state, the step, the RNG key and
+the data iterator's position, so a resumed run sees the same batches and logs the same per-step
+losses as an uninterrupted one (bitwise on CPU).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from alignax.train.checkpoint import Checkpointer, resolve_resume
+from alignax.train.config import TrainingConfig
+from alignax.train.logger import TRAINER_STATE_FILE, MetricsLogger
+from alignax.train.optim import make_optimizer
+from alignax.train.step import (Objective, TrainState, check_finite, init_state, make_train_step,
+                                split_micro_batches)
+
+RUN_CONFIG_FILE = "run_config.json"
+
+
+@dataclasses.dataclass
+class FitResult:
+  """What ``fit`` leaves behind: the trained model (updated in place) and the logged history."""
+
+  model: nnx.Module
+  state: TrainState
+  history: list[dict[str, Any]]
+
+
+def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
+  """Devices that hold different rows of the batch (the ``data`` and ``fsdp`` axes)."""
+  return int(np.prod([mesh.shape.get(a, 1) for a in ("data", "fsdp")]))
+
+
+def _versions() -> dict[str, str]:
+  import flax
+  import optax
+  import orbax.checkpoint
+  import transformers
+
+  return {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
+          "optax": optax.__version__, "orbax-checkpoint": orbax.checkpoint.__version__,
+          "transformers": transformers.__version__}
+
+
+def write_run_config(config: TrainingConfig, mesh: jax.sharding.Mesh,
+                     extra: dict[str, Any] | None = None) -> str:
+  """``run_config.json``: the resolved configuration, library versions and the mesh."""
+  record = {"config": config.to_dict(), **(extra or {}), "versions": _versions(),
+            "mesh": {name: int(size) for name, size in mesh.shape.items()},
+            "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count()}
+  path = os.path.join(config.output_dir, RUN_CONFIG_FILE)
+  if jax.process_index() == 0:
+    os.makedirs(config.output_dir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(record, f, indent=2, default=str)
+  return path
+
+
+def _place_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
+                 accumulation: int) -> dict[str, jax.Array]:
+  """``[B_host, ...]`` host arrays -> ``[k, B_global/k, ...]`` global arrays, rows over data axes."""
+  rows = PartitionSpec(None, ("data", "fsdp"))
+  micro = split_micro_batches({k: np.asarray(v) for k, v in batch.items()}, accumulation)
+  return {k: jax.make_array_from_process_local_data(NamedSharding(mesh, rows), v)
+          for k, v in micro.items()}
+
+
+def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
+        batches: Any, config: TrainingConfig, *, mesh: jax.sharding.Mesh,
+        steps_per_epoch: int | None = None, trainable: Any = nnx.Param,
+        tokenizer: Any = None, export: Callable[[nnx.Module, str], None] | None = None,
+        eval_fn: Callable[[nnx.Module], dict[str, float]] | None = None,
+        on_step: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
+  """Trains ``model`` in place and writes a TRL-style ``output_dir``.
+
+  Args:
+    model: the policy, already on ``mesh`` (``from_pretrained(..., mesh=mesh)``).
+    objective_fn: ``graphdef -> Objective`` (e.g. ``functools.partial(sft_objective, ...)``).
+    batches: an iterable whose iterator yields host batches (dicts of ``[B_host, ...]`` arrays,
+      ``B_host`` = per-device batch × data-parallel devices on this host × accumulation) and has
+      ``get_state()``/``set_state()`` (a grain iterator, from ``alignax.data.make_batches``).
+    config: the run's options.
+    mesh: the device mesh (``alignax.make_mesh``).
+    steps_per_epoch: optimizer steps per epoch, to turn ``num_train_epochs`` into ``max_steps``.
+    trainable: an nnx filter of the parameters to train (``alignax.LoRAParam`` for LoRA).
+    tokenizer: saved beside the final model.
+    export: ``(model, output_dir) -> None`` writes the final model (default ``save_pretrained``).
+    eval_fn: ``model -> metrics`` run every ``eval_steps`` (logged with an ``eval_`` prefix).
+    on_step: called after every step with its metrics (tests use it to stop a run on purpose).
+
+  Returns:
+    A ``FitResult``.
+
+  Raises:
+    NonFiniteError: a NaN/Inf loss or gradient (the step and the metric are named; the run stops
+      before saving the bad state).
+  """
+  max_steps = config.max_steps
+  if max_steps == -1:
+    if steps_per_epoch is None:
+      raise ValueError("max_steps=-1 needs steps_per_epoch to derive the steps from "
+                       "num_train_epochs")
+    max_steps = max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
+  graphdef, params, frozen = nnx.split(model, trainable, ...)
+  if not jax.tree.leaves(params):
+    raise ValueError(f"trainable={trainable!r} selects no parameter of the model")
+  optimizer, schedule = make_optimizer(
+    config.learning_rate, max_steps=max_steps, lr_scheduler_type=config.lr_scheduler_type,
+    warmup_steps=config.warmup_steps, warmup_ratio=config.warmup_ratio,
+    weight_decay=config.weight_decay, adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
+    adam_epsilon=config.adam_epsilon, max_grad_norm=config.max_grad_norm,
+  )
+  state = init_state(params, optimizer, frozen=frozen, seed=config.seed)
+  state = _on_mesh(state._replace(opt_state=jax.jit(optimizer.init)(params)), mesh)
+  step_fn = jax.jit(make_train_step(objective_fn(graphdef), optimizer, schedule=schedule),
+                    donate_argnums=0)
+
+  main = jax.process_index() == 0
+  logger = MetricsLogger(config.output_dir, report_to=config.report_to, run_name=config.run_name,
+                         config=config.to_dict(), is_main_process=main,
+                         trainer_state={"max_steps": max_steps,
+                                        "logging_steps": config.logging_steps,
+                                        "eval_steps": config.eval_steps or config.logging_steps,
+                                        "save_steps": config.save_steps,
+                                        "train_batch_size": config.per_device_train_batch_size,
+                                        "num_train_epochs": config.num_train_epochs})
+  checkpointer = Checkpointer(config.output_dir, save_total_limit=config.save_total_limit)
+  write_run_config(config, mesh, {"max_steps": max_steps})
+  iterator: Iterator = iter(batches)
+
+  start = 0
+  resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+  if resume is not None:
+    run_dir, step = resume
+    saved = Checkpointer(run_dir) if run_dir != checkpointer.output_dir else checkpointer
+    abstract = _checkpointed(state)
+    restored = saved.restore(step, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract))
+    saved_state = restored.state
+    state = state._replace(step=saved_state.step, params=saved_state.params,
+                           opt_state=saved_state.opt_state, rng=saved_state.rng)
+    iterator.set_state(restored.data_state)
+    state_file = os.path.join(saved.path(step), TRAINER_STATE_FILE)
+    if os.path.exists(state_file):
+      logger.restore_history(state_file)
+    start = step
+
+  from tqdm.auto import tqdm
+
+  progress = tqdm(total=max_steps, initial=start, disable=config.disable_tqdm or not main,
+                  desc="train", dynamic_ncols=True)
+  tokens_seen = int(logger.state.num_input_tokens_seen)
+  window_start, window_tokens = time.perf_counter(), 0
+  try:
+    for step in range(start + 1, max_steps + 1):
+      host_batch = next(iterator)
+      tokens = int(np.sum(host_batch["attention_mask"])) * jax.process_count()
+      batch = _place_batch(host_batch, mesh, config.gradient_accumulation_steps)
+      state, metrics = step_fn(state, batch)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      check_finite(step, {k: metrics[k] for k in ("loss", "grad_norm")})
+      tokens_seen += tokens
+      window_tokens += tokens
+      progress.update(1)
+      progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('learning_rate', 0):.2e}")
+      if on_step is not None:
+        on_step(step, metrics)
+      if step % config.logging_steps == 0 or step == max_steps:
+        elapsed = time.perf_counter() - window_start
+        metrics["num_tokens"] = tokens_seen
+        metrics["train_tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
+        logger.update_state(num_input_tokens_seen=tokens_seen)
+        epoch = step / steps_per_epoch if steps_per_epoch else None
+        logger.log(step, metrics, epoch=epoch)
+        window_start, window_tokens = time.perf_counter(), 0
+      eval_every = config.eval_steps or config.logging_steps
+      if eval_fn is not None and (step % eval_every == 0 or step == max_steps):
+        nnx.update(model, state.params)
+        logger.log(step, {f"eval_{k}": v for k, v in eval_fn(model).items()})
+      if step % config.save_steps == 0 or step == max_steps:
+        logger.update_state(num_input_tokens_seen=tokens_seen)
+        checkpointer.save(step, _checkpointed(state), data_state=iterator.get_state(),
+                          trainer_state=logger.state_json())
+  finally:
+    progress.close()
+    checkpointer.close()  # finishes in-flight saves: the last good checkpoint is complete
+    logger.save_state()
+    logger.close()
+
+  nnx.update(model, state.params)
+  if main:
+    (export or _default_export(tokenizer))(model, config.output_dir)
+  return FitResult(model=model, state=state, history=list(logger.state.log_history))
+
+
+def _on_mesh(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Every array on ``mesh``: those already there keep their layout (parameters, Adam moments),
+  the rest (step counters, the RNG key) are replicated, so one jitted step takes them all."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def place(x):
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+      return x
+    return jax.device_put(x, replicated)
+
+  return jax.tree.map(place, tree)
+
+
+def _checkpointed(state: TrainState) -> TrainState:
+  """What a checkpoint holds: everything but the frozen weights (they come from the base model)."""
+  return state._replace(frozen=None)
+
+
+def _default_export(tokenizer: Any) -> Callable[[nnx.Module, str], None]:
+  def export(model: nnx.Module, output_dir: str) -> None:
+    from alignax.models import save_pretrained
+
+    save_pretrained(model, output_dir)
+    if tokenizer is not None:
+      tokenizer.save_pretrained(output_dir)
+
+  return export
