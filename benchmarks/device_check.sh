@@ -6,8 +6,9 @@
 #   (c) the log-prob kernels: benchmarks/logprob_speed.py at (16384, 4096, 131072) bf16 and a
 #       values check of impl="pallas" against impl="reference";
 #   (d) attention temporaries at real sizes from memory_analysis().
-# Results: $OUT/device_check.json, $OUT/logprob_speed.json and the logs; a short table is printed
-# last. Exit status 1 if a value check failed.
+# Results: $OUT/device_check.json, device_check_table.txt, logprob_speed.json and the logs (7 files,
+# under the 8 that come back from a device run); the short table is printed last. Exit status 1 if
+# a value check failed, a section raised, or nothing was checked.
 #
 #   bash benchmarks/device_check.sh                # on a GPU machine
 #   bash benchmarks/device_check.sh --cpu-dry-run  # the same script at tiny sizes on a CPU
@@ -64,14 +65,6 @@ if ! timeout 240 "$py" "$repo/benchmarks/logprob_speed.py" "${logprob_args[@]}" 
   tail -n 20 "$out/logprob_speed.log" >&2
   status=1
 fi
-
-echo "== (a, b, d) attention values, speed, memory; log-prob values" >&2
-if ! timeout 300 "$py" "$repo/benchmarks/device_check.py" --out "$out" "${check_args[@]}" \
-    2> "$out/device_check.log"; then
-  tail -n 30 "$out/device_check.log" >&2
-  status=1
-fi
-
 "$py" - "$out/logprob_speed.json" <<'EOF' || true
 import json, sys
 try:
@@ -81,4 +74,17 @@ except (OSError, ValueError) as error:
   sys.exit()
 print("logprob_speed:", json.dumps(report)[:1500])
 EOF
+
+# device_check.py prints its table on stdout (also written to device_check_table.txt) and exits 1
+# when a value check failed or a section raised; the table is printed last either way.
+echo "== (a, b, d) attention values, speed, memory; log-prob values" >&2
+if ! timeout 300 "$py" "$repo/benchmarks/device_check.py" --out "$out" "${check_args[@]}" \
+    > "$stage/table.txt" 2> "$out/device_check.log"; then
+  tail -n 30 "$out/device_check.log" >&2
+  status=1
+fi
+if [[ $status != 0 ]]; then
+  echo "device_check: FAILED (exit 1); see device_check.log and logprob_speed.log under $out"
+fi
+cat "$stage/table.txt"
 exit $status

@@ -411,6 +411,9 @@ def _dot_product_attention(
     features.append("q_index / kv_index (only the default positions arange(T), arange(S))")
   if cfg.has_window and static_window is None:
     features.append("a traced window")
+  if implementation == "cudnn" and cfg.has_window and not cfg.causal:
+    # cuDNN's sliding window looks left only; the oracle's non-causal window is unbounded right.
+    features.append("a window without causal (cuDNN windows are causal)")
   _unsupported(implementation, features)
   lengths, prefix = _key_lengths(aux)
   if not padded:
@@ -658,7 +661,8 @@ def attention(
       (decode with a KV cache).
     impl: ``"auto"`` (the chunked kernel on every backend until ``_VALIDATED`` names another),
       ``"chunked"``, ``"reference"`` (dense oracle), ``"xla"``, ``"cudnn"`` (no soft-cap, no
-      segment ids, default positions, static window; non-right padding falls back to chunked),
+      segment ids, default positions, static window, causal only for cuDNN windows; non-right
+      padding falls back to chunked),
       ``"pallas_tpu"`` (splash: causal / static window, soft-cap, segment ids, GQA),
       ``"pallas_gpu"`` (Triton: causal, segment ids, GQA; no window or soft-cap). The Pallas paths
       need self-attention (T = S, default positions), return 0 at rows whose own slot is padding,
