@@ -54,7 +54,7 @@ def _heldout_nll(model, heldout, config):
   return float(-ax.masked_mean(out.logp, mask))
 
 
-def _run(setup, output_dir, mesh, **overrides):
+def _run(setup, output_dir, mesh, eval_fn=None, **overrides):
   tokenizer, base, data_config, train, _ = setup
   model = ax.from_pretrained(base, mesh=mesh)
   options = dict(output_dir=str(output_dir), learning_rate=3e-3, per_device_train_batch_size=1,
@@ -63,27 +63,44 @@ def _run(setup, output_dir, mesh, **overrides):
   config = TrainingConfig(**{**options, **overrides})
   rows = config.per_device_train_batch_size * 8 * config.gradient_accumulation_steps
   batches = data.make_batches(train, batch_size=rows, config=data_config)
-  return fit(model, sft_objective, batches, config, mesh=mesh, tokenizer=tokenizer)
+  return fit(model, sft_objective, batches, config, mesh=mesh, tokenizer=tokenizer, eval_fn=eval_fn)
+
+
+def test_running_out_of_data_is_a_named_error(setup, tmp_path):
+  tokenizer, base, data_config, train, _ = setup
+  config = TrainingConfig(output_dir=str(tmp_path), max_steps=5, disable_tqdm=True,
+                          per_device_train_batch_size=1)
+  one_epoch = data.make_batches(train, batch_size=32, config=data_config, num_epochs=1)  # 2 batches
+  with pytest.raises(ValueError, match="ran out before step 3 of max_steps=5"):
+    fit(ax.from_pretrained(base, mesh=make_mesh(fsdp=8)), sft_objective, one_epoch, config,
+        mesh=make_mesh(fsdp=8))
 
 
 def test_sft_learns_and_writes_a_trl_style_output_dir(setup, tmp_path):
   mesh = make_mesh(fsdp=8)
   tokenizer, base, data_config, _, heldout = setup
   before = _heldout_nll(ax.from_pretrained(base), heldout, data_config)
-  result = _run(setup, tmp_path, mesh, max_steps=12, save_steps=6)
+  result = _run(setup, tmp_path, mesh, max_steps=12, save_steps=6, eval_steps=6,
+                eval_fn=lambda model: {"nll": _heldout_nll(model, heldout, data_config)})
   after = _heldout_nll(ax.from_pretrained(str(tmp_path)), heldout, data_config)
   assert after < 0.7 * before, (before, after)
   names = set(os.listdir(tmp_path))
   assert {"checkpoint-6", "checkpoint-12", "metrics.jsonl", "trainer_state.json",
           "run_config.json", "config.json", "model.safetensors", "tokenizer.json"} <= names
   lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  evals = [line for line in lines if "eval_nll" in line]
+  assert [line["step"] for line in evals] == [6, 12] and evals[1]["eval_nll"] < evals[0]["eval_nll"]
+  np.testing.assert_allclose(evals[1]["eval_nll"], after, rtol=1e-5)  # eval saw the final weights
+  lines = [line for line in lines if "loss" in line]
   assert [line["step"] for line in lines] == list(range(1, 13))
   assert {"loss", "grad_norm", "learning_rate", "entropy", "num_tokens",
           "train_tokens_per_second"} <= set(lines[0])
   assert lines[-1]["loss"] < lines[0]["loss"]
-  assert len(result.history) == 12
+  assert len(result.history) == 14  # 12 training lines and 2 evaluations
   state = json.load(open(tmp_path / "checkpoint-6" / "trainer_state.json"))
-  assert state["global_step"] == 6 and len(state["log_history"]) == 6
+  assert state["global_step"] == 6
+  assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4, 5, 6]
+  assert [h["step"] for h in state["log_history"] if "eval_nll" in h] == [6]
 
 
 def test_resume_after_a_crash_logs_the_same_losses_bitwise(setup, tmp_path):

@@ -167,7 +167,11 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
   window_start, window_tokens = time.perf_counter(), 0
   try:
     for step in range(start + 1, max_steps + 1):
-      host_batch = next(iterator)
+      try:
+        host_batch = next(iterator)
+      except StopIteration:
+        raise ValueError(f"the training data ran out before step {step} of max_steps={max_steps}; "
+                         "make the batches repeat (num_epochs=None) or lower max_steps") from None
       tokens = int(np.sum(host_batch["attention_mask"])) * jax.process_count()
       batch = _place_batch(host_batch, mesh, config.gradient_accumulation_steps)
       state, metrics = step_fn(state, batch)
