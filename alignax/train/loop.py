@@ -70,13 +70,20 @@ def write_run_config(config: TrainingConfig, mesh: jax.sharding.Mesh,
   return path
 
 
-def _place_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
-                 accumulation: int) -> dict[str, jax.Array]:
-  """``[B_host, ...]`` host arrays -> ``[k, B_global/k, ...]`` global arrays, rows over data axes."""
-  rows = PartitionSpec(None, ("data", "fsdp"))
-  micro = split_micro_batches({k: np.asarray(v) for k, v in batch.items()}, accumulation)
-  return {k: jax.make_array_from_process_local_data(NamedSharding(mesh, rows), v)
-          for k, v in micro.items()}
+def _place_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, accumulation: int,
+                 batch_axes: dict[str, int] | None = None) -> dict[str, jax.Array]:
+  """Host arrays with ``B_host`` rows on their row axis -> global ``[k, ..., B_global/k, ...]``
+  arrays, the rows split over the data-parallel axes."""
+  batch_axes = batch_axes or {}
+  micro = split_micro_batches({k: np.asarray(v) for k, v in batch.items()}, accumulation,
+                              batch_axes=batch_axes)
+
+  def sharding(name, x):
+    spec = [None] * x.ndim
+    spec[batch_axes.get(name, 0) + 1] = ("data", "fsdp")
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+  return {k: jax.make_array_from_process_local_data(sharding(k, v), v) for k, v in micro.items()}
 
 
 def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
@@ -126,8 +133,8 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
   )
   state = init_state(params, optimizer, frozen=frozen, seed=config.seed)
   state = _on_mesh(state._replace(opt_state=jax.jit(optimizer.init)(params)), mesh)
-  step_fn = jax.jit(make_train_step(objective_fn(graphdef), optimizer, schedule=schedule),
-                    donate_argnums=0)
+  objective = objective_fn(graphdef)
+  step_fn = jax.jit(make_train_step(objective, optimizer, schedule=schedule), donate_argnums=0)
 
   main = jax.process_index() == 0
   logger = MetricsLogger(config.output_dir, report_to=config.report_to, run_name=config.run_name,
@@ -173,7 +180,8 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
         raise ValueError(f"the training data ran out before step {step} of max_steps={max_steps}; "
                          "make the batches repeat (num_epochs=None) or lower max_steps") from None
       tokens = int(np.sum(host_batch["attention_mask"])) * jax.process_count()
-      batch = _place_batch(host_batch, mesh, config.gradient_accumulation_steps)
+      batch = _place_batch(host_batch, mesh, config.gradient_accumulation_steps,
+                           objective.batch_axes)
       state, metrics = step_fn(state, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       check_finite(step, {k: metrics[k] for k in ("loss", "grad_norm")})

@@ -14,8 +14,12 @@ from flax import nnx
 
 from alignax.aggregation import masked_count, masked_mean
 from alignax.kernels import token_logprobs
+from alignax.losses.reward import bradley_terry_loss
 from alignax.losses.supervised import next_token_targets, sft_loss
 from alignax.train.step import Objective
+
+# Preference batches from alignax.data: [2, B, T] (0 = chosen, 1 = rejected), margin [B].
+PREFERENCE_BATCH_AXES = {"input_ids": 1, "attention_mask": 1, "completion_mask": 1, "margin": 0}
 
 
 def model_logprobs(model: nnx.Module, batch: dict[str, Any], *, impl: str = "auto"):
@@ -64,3 +68,28 @@ def sft_objective(graphdef: nnx.GraphDef, *, loss_agg_mode: str = "token_mean",
     return masked_count(mask)
 
   return Objective(loss=loss, weight=weight)
+
+
+def reward_objective(graphdef: nnx.GraphDef, *, center_rewards_coefficient: float | None = None
+                     ) -> Objective:
+  """A Bradley-Terry reward model on preference pairs (TRL's ``RewardTrainer``).
+
+  Chosen and rejected run in one concatenated forward of the ``RewardModel`` (``[2B, T]``); the loss
+  is ``alignax.bradley_terry_loss`` with the batch's ``margin`` column when present and TRL's
+  ``center_rewards_coefficient``. Metrics: ``accuracy``, ``margin``, ``{min,mean,max}_reward``.
+  """
+
+  def loss(params: Any, frozen: Any, batch: dict[str, Any], key: jax.Array):
+    del key
+    model = nnx.merge(graphdef, params, frozen)
+    two, rows, length = batch["input_ids"].shape
+    scores = model(batch["input_ids"].reshape(two * rows, length),
+                   batch["attention_mask"].reshape(two * rows, length)).scores[:, 0]
+    chosen, rejected = scores[:rows], scores[rows:]
+    return bradley_terry_loss(chosen, rejected, margin=batch.get("margin"),
+                              center_coefficient=center_rewards_coefficient or 0.0)
+
+  def weight(batch: dict[str, Any]) -> jax.Array:
+    return jnp.asarray(batch["input_ids"].shape[1], jnp.float32)  # a mean over pairs
+
+  return Objective(loss=loss, weight=weight, batch_axes=PREFERENCE_BATCH_AXES)

@@ -18,11 +18,12 @@ objective's metrics averaged with the same weights: a metric that is a mean over
 (``num_tokens``) are not means; the host loop takes them from the batch itself.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from alignax.train.optim import global_norm
@@ -40,10 +41,13 @@ class Objective(NamedTuple):
       metrics are scalars.
     weight: ``micro_batch -> scalar``, the count the loss averages over (it depends on the batch
       only, so it is known before any forward pass).
+    batch_axes: the axis that indexes rows, per batch key (default 0 for every key); preference
+      batches are ``[2, B, T]`` (chosen, rejected) with their rows on axis 1.
   """
 
   loss: Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, Metrics]]
   weight: Callable[[Any], jax.Array]
+  batch_axes: Mapping[str, int] | None = None
 
 
 class TrainState(NamedTuple):
@@ -63,14 +67,26 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, *, frozen: 
                     rng=jax.random.key_data(jax.random.key(seed)), frozen=frozen)
 
 
-def split_micro_batches(batch: Any, accumulation_steps: int) -> Any:
-  """``[B, ...] -> [k, B/k, ...]`` for every array of the batch pytree (named error if B % k)."""
-  def split(x):
-    if x.shape[0] % accumulation_steps:
-      raise ValueError(f"batch dimension {x.shape[0]} is not divisible by "
+def split_micro_batches(batch: Mapping[str, Any], accumulation_steps: int, *,
+                        batch_axes: Mapping[str, int] | None = None) -> dict[str, Any]:
+  """Splits each array's row axis ``a`` into micro-batches, moved to the front:
+  ``[..., B, ...] -> [k, ..., B/k, ...]`` (named error if B % k)."""
+  batch_axes = batch_axes or {}
+
+  def split(name, x):
+    axis = batch_axes.get(name, 0)
+    rows = x.shape[axis]
+    if rows % accumulation_steps:
+      raise ValueError(f"{name}: batch dimension {rows} (axis {axis}) is not divisible by "
                        f"gradient_accumulation_steps={accumulation_steps}")
-    return x.reshape(accumulation_steps, x.shape[0] // accumulation_steps, *x.shape[1:])
-  return jax.tree.map(split, batch)
+    shape = (*x.shape[:axis], accumulation_steps, rows // accumulation_steps, *x.shape[axis + 1:])
+    x = x.reshape(shape)
+    if not axis:
+      return x
+    # Host batches stay NumPy (they are placed on the mesh afterwards), traced ones stay JAX.
+    return (jnp if isinstance(x, jax.Array) else np).moveaxis(x, axis, 0)
+
+  return {name: split(name, x) for name, x in batch.items()}
 
 
 def make_train_step(objective: Objective, optimizer: optax.GradientTransformation, *,
