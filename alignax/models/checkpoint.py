@@ -3,8 +3,9 @@
 Loading validates everything that can be known from the file headers before reading any data: the
 ``model_type``, and every tensor name and shape against the model the config describes (missing,
 unexpected and mis-shaped tensors are all reported by name in one error). Tensors are then read one
-at a time and placed straight onto their devices (sharded per the logical-axis rules when a mesh is
-given), so host memory never holds more than one tensor.
+at a time and placed onto their devices; with a mesh each tensor (each layer of a stacked
+parameter) goes straight to its shards per the logical-axis rules, so host memory never holds more
+than one tensor; without one, a stacked parameter is assembled on the host (its ``L`` layers).
 
 Name mapping: alignax uses one set of module names for every family (``attn.q_proj``,
 ``mlp.gate_proj``, ``input_norm``, ...); :func:`hf_name` translates a parameter path to the family's
@@ -215,7 +216,8 @@ def from_pretrained(
     mesh: when given, every parameter is placed directly with its sharding on this mesh (a
       mesh with Auto axes, from :func:`alignax.sharding.make_mesh`), and the model constrains its
       activations there.
-    rules: logical-axis rules (default :data:`alignax.models.sharding.DEFAULT_RULES`).
+    rules: logical-axis rules (default :data:`alignax.models.sharding.DEFAULT_RULES`), for the
+      parameters and, on the mesh, the activations and KV cache.
     head: None for a :class:`CausalLM`, ``"value"`` for a :class:`ValueModel` (per-token critic),
       ``"score"`` for a :class:`RewardModel` (``*ForSequenceClassification``). A head missing from a
       causal-LM checkpoint is initialised from ``seed`` (normal, std 0.02), and that checkpoint's
@@ -297,7 +299,7 @@ def from_pretrained(
       variable.set_value(jnp.asarray(value))
   model = nnx.merge(graphdef, state)
   if mesh is not None:
-    set_mesh(model, mesh)
+    set_mesh(model, mesh, rules or DEFAULT_RULES)
   return model
 
 

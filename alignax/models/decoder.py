@@ -46,6 +46,7 @@ from alignax.kernels import LMHead
 from alignax.kernels.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from alignax.kernels.attention import attention
 from alignax.models.config import DecoderConfig
+from alignax.models.hub import parse_dtype
 from alignax.models.layers import (
   LAYERS,
   DType,
@@ -56,7 +57,7 @@ from alignax.models.layers import (
   is_stacked,
   stack_modules,
 )
-from alignax.sharding import constrain
+from alignax.sharding import DEFAULT_RULES, Rules, constrain, logical_to_mesh
 
 
 IntLike = np.ndarray | Array
@@ -307,6 +308,7 @@ class Attention(nnx.Module):
     window: int | Array | None,
     scale: Array | None = None,
     mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
     impl: str = "auto",
   ) -> tuple[Float[Array, "B T d"], tuple[Array, Array] | None]:
     b, t, _ = x.shape
@@ -315,9 +317,9 @@ class Attention(nnx.Module):
       q, k, v = jnp.split(self.qkv_proj(x), [q_size, q_size + kv_size], axis=-1)
     else:
       q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-    q = constrain(q.reshape(b, t, self.num_heads, self.head_dim), BTHD, mesh)
-    k = constrain(k.reshape(b, t, self.num_kv_heads, self.head_dim), BTKD, mesh)
-    v = constrain(v.reshape(b, t, self.num_kv_heads, self.head_dim), BTKD, mesh)
+    q = constrain(q.reshape(b, t, self.num_heads, self.head_dim), BTHD, mesh, rules)
+    k = constrain(k.reshape(b, t, self.num_kv_heads, self.head_dim), BTKD, mesh, rules)
+    v = constrain(v.reshape(b, t, self.num_kv_heads, self.head_dim), BTKD, mesh, rules)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if inputs.rotary is not None:
@@ -342,7 +344,7 @@ class Attention(nnx.Module):
     out = attend(
       q, k, v, inputs, scale=layer_scale, window=window, softcap=self.softcap, impl=impl
     )
-    out = constrain(out, BTHD, mesh)
+    out = constrain(out, BTHD, mesh, rules)
     return self.o_proj(out.reshape(b, t, q_size)), new_kv
 
 
@@ -364,14 +366,14 @@ class MLP(nnx.Module):
     self.down_proj = linear(c.intermediate_size, c.hidden_size, kernel_axes=("mlp", "embed"))
 
   def __call__(
-    self, x: Float[Array, "B T d"], *, mesh: Mesh | None = None
+    self, x: Float[Array, "B T d"], *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES
   ) -> Float[Array, "B T d"]:
     act = _activation(self.activation)
     if self.gate_proj is not None:
       hidden = act(self.gate_proj(x)) * self.up_proj(x)
     else:
       hidden = act(self.up_proj(x))
-    return self.down_proj(constrain(hidden, BTF, mesh))
+    return self.down_proj(constrain(hidden, BTF, mesh, rules))
 
 
 class Block(nnx.Module):
@@ -403,18 +405,20 @@ class Block(nnx.Module):
     window: int | Array | None,
     scale: Array | None = None,
     mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
     impl: str = "auto",
   ) -> tuple[Float[Array, "B T d"], tuple[Array, Array] | None]:
     h, new_kv = self.attn(
-      self.input_norm(x), inputs, kv, index, window=window, scale=scale, mesh=mesh, impl=impl
+      self.input_norm(x), inputs, kv, index, window=window, scale=scale, mesh=mesh, rules=rules,
+      impl=impl,
     )
     if self.post_attn_norm is not None:
       h = self.post_attn_norm(h)
     x = x + h
-    h = self.mlp(self.pre_mlp_norm(x), mesh=mesh)
+    h = self.mlp(self.pre_mlp_norm(x), mesh=mesh, rules=rules)
     if self.post_mlp_norm is not None:
       h = self.post_mlp_norm(h)
-    return constrain(x + h, BTD, mesh), new_kv
+    return constrain(x + h, BTD, mesh, rules), new_kv
 
 
 def _cache_full_message(index: int, tokens: int, slots: int) -> str:
@@ -439,51 +443,75 @@ def _fail_on_device_if_full(index: Int[Array, ""], tokens: int, slots: int) -> N
   jax.lax.cond(overflow, lambda: jax.debug.callback(report, index), lambda: None)
 
 
-def _token_id_message(row: int, position: int, value: int, count: int, vocab_size: int) -> str:
+_TOKEN_ID_HINT = (
+  "a tokenizer with a larger vocabulary than the checkpoint, or a negative pad id, gives NaN logits"
+)
+_POSITION_HINT = "a learned position table gives NaN outside it"
+
+
+def _index_message(
+  name: str, row: int, position: int, value: int, count: int, bound: int, what: str, hint: str
+) -> str:
   return (
-    f"input_ids[{row}, {position}] = {value} is outside the vocabulary [0, {vocab_size}) "
-    f"({count} id(s) out of range); a tokenizer with a larger vocabulary than the checkpoint, or "
-    "a negative pad id, gives NaN logits"
+    f"{name}[{row}, {position}] = {value} is outside {what} [0, {bound}) "
+    f"({count} id(s) out of range); {hint}"
   )
 
 
-def _raise_bad_token_id(row, position, value, count, *, vocab_size: int) -> None:
+def _raise_bad_index(row, position, value, count, **message: Any) -> None:
   if np.any(np.asarray(count) > 0):  # any: the arguments are batched under vmap
     first = lambda a: int(np.asarray(a).ravel()[0])  # noqa: E731
     raise ValueError(
-      _token_id_message(first(row), first(position), first(value), first(count), vocab_size)
+      _index_message(
+        row=first(row), position=first(position), value=first(value), count=first(count),
+        **message,
+      )
     )
+
+
+def check_index_range(
+  array: Array, bound: int, *, name: str, what: str, hint: str
+) -> None:
+  """Integers in ``[0, bound)``, or a named error (an embedding lookup outside gives silent NaN).
+
+  Concrete entries out of range are a ``ValueError`` naming ``name``, the first row and position;
+  traced ones (under ``jit``) are checked on the device, and only the first bad entry's
+  coordinates (scalars) reach a host callback, which raises (a ``JaxRuntimeError``) in the taken
+  branch of a ``cond``: a valid batch never leaves the device.
+  """
+  message = dict(name=name, bound=bound, what=what, hint=hint)
+  t = array.shape[-1]
+  if not isinstance(array, jax.core.Tracer):
+    values = np.asarray(array)
+    bad = np.argwhere((values < 0) | (values >= bound))
+    if len(bad):
+      row, position = (int(i) for i in bad[0])
+      raise ValueError(
+        _index_message(row=row, position=position, value=int(values[row, position]),
+                       count=len(bad), **message)
+      )
+    return
+  bad = ((array < 0) | (array >= bound)).reshape(-1)
+  first = jnp.argmax(bad)
+  count = jnp.sum(bad, dtype=jnp.int32)
+  value = array.reshape(-1)[first]
+  report = functools.partial(_raise_bad_index, **message)
+  jax.lax.cond(
+    count > 0,
+    lambda: jax.debug.callback(report, first // t, first % t, value, count),
+    lambda: None,
+  )
 
 
 def check_token_ids(input_ids: Array, vocab_size: int) -> None:
   """Integer ids in ``[0, vocab_size)``, or a named error (no silent NaN logits).
 
-  A float array is a ``TypeError``. Concrete ids out of range are a ``ValueError`` naming the first
-  row and position; traced ids (under ``jit``) are checked on the device, and only the first bad
-  id's coordinates (scalars) reach a host callback, which raises (a ``JaxRuntimeError``) in the
-  taken branch of a ``cond``: a valid batch never leaves the device.
+  A float array is a ``TypeError``; ids out of range are checked by :func:`check_index_range`.
   """
   if not jnp.issubdtype(input_ids.dtype, jnp.integer):
     raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-  t = input_ids.shape[-1]
-  if not isinstance(input_ids, jax.core.Tracer):
-    ids = np.asarray(input_ids)
-    bad = np.argwhere((ids < 0) | (ids >= vocab_size))
-    if len(bad):
-      row, position = (int(i) for i in bad[0])
-      raise ValueError(
-        _token_id_message(row, position, int(ids[row, position]), len(bad), vocab_size)
-      )
-    return
-  bad = ((input_ids < 0) | (input_ids >= vocab_size)).reshape(-1)
-  first = jnp.argmax(bad)
-  count = jnp.sum(bad, dtype=jnp.int32)
-  value = input_ids.reshape(-1)[first]
-  report = functools.partial(_raise_bad_token_id, vocab_size=vocab_size)
-  jax.lax.cond(
-    count > 0,
-    lambda: jax.debug.callback(report, first // t, first % t, value, count),
-    lambda: None,
+  check_index_range(
+    input_ids, vocab_size, name="input_ids", what="the vocabulary", hint=_TOKEN_ID_HINT
   )
 
 
@@ -492,8 +520,9 @@ class Transformer(nnx.Module):
 
   Args:
     config: the architecture.
-    dtype: compute dtype (e.g. ``jnp.bfloat16`` with fp32 parameters).
-    param_dtype: parameter dtype.
+    dtype: compute dtype (e.g. ``jnp.bfloat16`` with fp32 parameters), a dtype or a name such as
+      ``"bf16"`` (see :func:`alignax.models.hub.parse_dtype`; a bad one is a ValueError naming it).
+    param_dtype: parameter dtype, given the same way.
     remat: ``None`` or a policy name in :data:`REMAT_POLICIES` applied to every block (training
       without a cache only).
     attention_impl: ``impl`` of :func:`alignax.kernels.attention.attention` (``"auto"``: the
@@ -506,6 +535,8 @@ class Transformer(nnx.Module):
       ``i``).
     mesh: the mesh the model was placed on (set by ``shard_model`` / ``from_pretrained(mesh=)``),
       on which the activations are constrained; None uses the context mesh, if any.
+    rules: the logical-axis rules the model was placed with (``shard_model(rules=)``,
+      ``from_pretrained(rules=)``), which its activations and KV cache follow too.
   """
 
   def __init__(
@@ -521,11 +552,14 @@ class Transformer(nnx.Module):
     if remat is not None:
       _validate.choice("remat", remat, REMAT_POLICIES)
     _validate.choice("attention_impl", attention_impl, ATTENTION_IMPLEMENTATIONS)
+    dtype = parse_dtype(dtype, name="dtype")
+    param_dtype = parse_dtype(param_dtype, name="param_dtype")
     self.config = config
     self.dtype = dtype
     self.remat = remat
     self.attention_impl = attention_impl
     self.mesh: Mesh | None = None
+    self.rules: Rules = DEFAULT_RULES
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.embed = Embed(config.vocab_size, config.hidden_size, **kw)
     self.pos_embed = (
@@ -550,7 +584,7 @@ class Transformer(nnx.Module):
       raise ValueError(
         f"max_len={max_len} exceeds the learned position table ({c.max_position_embeddings})"
       )
-    dtype = self.dtype if dtype is None else dtype
+    dtype = self.dtype if dtype is None else parse_dtype(dtype, name="dtype")
     shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
     kv_axes = (LAYERS, *BTKD)
     valid_axes = ("activation_batch", "activation_length")
@@ -558,9 +592,7 @@ class Transformer(nnx.Module):
     def zeros(shape: tuple[int, ...], dtype: DType, axes: tuple[str | None, ...]) -> Array:
       if self.mesh is None:
         return jnp.zeros(shape, dtype)
-      from alignax.sharding import logical_to_mesh
-
-      spec = logical_to_mesh(axes, shape, self.mesh)
+      spec = logical_to_mesh(axes, shape, self.mesh, self.rules)
       return jnp.zeros(shape, dtype, device=jax.sharding.NamedSharding(self.mesh, spec))
 
     return KVCache(
@@ -579,7 +611,7 @@ class Transformer(nnx.Module):
   ) -> tuple[Array, tuple[Array, Array] | None]:
     """The blocks under one ``lax.scan`` over ``L / p`` groups of ``p`` blocks."""
     c = self.config
-    num_layers, mesh, impl = c.num_layers, self.mesh, self.attention_impl
+    num_layers, mesh, rules, impl = c.num_layers, self.mesh, self.rules, self.attention_impl
     period = window_period(c.sliding_windows)
     if period is None:  # no repeating pattern: the window is scanned data
       period, static_windows = 1, None
@@ -604,7 +636,8 @@ class Transformer(nnx.Module):
       block = nnx.merge(graphdef, params, rest)
       x, new_kv = block(
         x, inputs, kv, index,
-        window=static_window if window is None else window, scale=scale, mesh=mesh, impl=impl,
+        window=static_window if window is None else window, scale=scale, mesh=mesh, rules=rules,
+        impl=impl,
       )
       return x, new_kv, nnx.split(block, is_stacked, ...)[2]
 
@@ -614,7 +647,12 @@ class Transformer(nnx.Module):
       fn = functools.partial(
         layer, static_window=None if static_windows is None else static_windows[j]
       )
-      layer_fns.append(jax.checkpoint(fn, policy=REMAT_POLICIES[self.remat]) if use_remat else fn)
+      # prevent_cse=False: inside a scan the recomputation cannot be CSE'd with the forward
+      # anyway, and the optimisation barriers the default adds only block fusion (jax.checkpoint
+      # docs; MaxText does the same for scanned layers).
+      if use_remat:
+        fn = jax.checkpoint(fn, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+      layer_fns.append(fn)
 
     def body(carry, xs):
       # The stacked cache rides in the carry; each layer writes its new tokens in place, so a
@@ -678,11 +716,17 @@ class Transformer(nnx.Module):
         f"input_ids has {t} tokens, more than the learned position table "
         f"({c.max_position_embeddings})"
       )
+    given_positions = positions is not None
     if positions is None:
       offset = 0 if cache is None else jnp.sum(cache.valid, axis=-1, dtype=jnp.int32)
       positions = default_positions(mask, segment_ids, offset)
     positions = jnp.asarray(positions)
     _validate.same_shape({"input_ids": input_ids, "positions": positions})
+    if self.pos_embed is not None and given_positions:  # default ones stay below max_len
+      check_index_range(
+        positions, c.max_position_embeddings, name="positions",
+        what="the learned position table", hint=_POSITION_HINT,
+      )
 
     x = self.embed(input_ids)
     if c.embed_scale is not None:
@@ -692,17 +736,17 @@ class Transformer(nnx.Module):
       x = x + self.pos_embed(positions)
     else:
       rotary = rotary_tables(positions, rope_inverse_frequencies(c), self.dtype)
-    x = constrain(x, BTD, self.mesh)
+    x = constrain(x, BTD, self.mesh, self.rules)
 
     if cache is None:
       inputs = AttentionInputs(rotary, jnp.arange(t), mask, segment_ids, None)
       x, _ = self._run_layers(x, inputs, None, None)
-      return constrain(self.final_norm(x), BTD, self.mesh), None
+      return constrain(self.final_norm(x), BTD, self.mesh, self.rules), None
     index = cache.index
     key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
     inputs = AttentionInputs(rotary, index + jnp.arange(t), key_valid, None, index + t)
     x, (keys, values) = self._run_layers(x, inputs, (cache.keys, cache.values), index)
-    hidden = constrain(self.final_norm(x), BTD, self.mesh)
+    hidden = constrain(self.final_norm(x), BTD, self.mesh, self.rules)
     return hidden, KVCache(keys, values, key_valid, index + t)
 
 
@@ -719,6 +763,8 @@ class CausalLM(nnx.Module):
     attention_impl: str = "auto",
     rngs: nnx.Rngs,
   ):
+    dtype = parse_dtype(dtype, name="dtype")
+    param_dtype = parse_dtype(param_dtype, name="param_dtype")
     self.config = config
     self.dtype = dtype
     self.model = Transformer(
@@ -766,7 +812,7 @@ class CausalLM(nnx.Module):
       "...d,vd->...v", hidden.astype(self.dtype), head.weight, preferred_element_type=jnp.float32
     )
     if logits.ndim == 3:
-      logits = constrain(logits, BTV, self.model.mesh)
+      logits = constrain(logits, BTV, self.model.mesh, self.model.rules)
     cap = head.softcap
     return logits if cap is None else cap * jnp.tanh(logits / cap)
 
@@ -787,7 +833,8 @@ class CausalLM(nnx.Module):
         id out of range a ``ValueError`` naming its row and position, or under ``jit`` a
         ``JaxRuntimeError`` raised from the device).
       attention_mask: ``[B, T]`` True (or 1) for real tokens; default all real.
-      positions: ``[B, T]`` position ids; default see the module docstring.
+      positions: ``[B, T]`` position ids; default see the module docstring. With learned
+        positions (GPT-2) they must lie in the table, checked as ``input_ids`` are.
       segment_ids: ``[B, T]`` packed-sequence ids; tokens attend only within their segment.
       cache: a :class:`KVCache`; the ``T`` new tokens are written at ``cache.index``. A write
         past ``max_len`` raises: a ``ValueError`` when the index is concrete, a

@@ -15,6 +15,7 @@ from jaxtyping import Array, Float, Int, Shaped
 from alignax.aggregation import last_valid_token
 from alignax.models.config import DecoderConfig
 from alignax.models.decoder import IntLike, Transformer
+from alignax.models.hub import parse_dtype
 from alignax.models.layers import DType, Linear
 
 
@@ -42,6 +43,8 @@ class _ScoredDecoder(nnx.Module):
     attention_impl: str = "auto",
     rngs: nnx.Rngs,
   ):
+    dtype = parse_dtype(dtype, name="dtype")
+    param_dtype = parse_dtype(param_dtype, name="param_dtype")
     self.config = config
     self.model = Transformer(
       config, dtype=dtype, param_dtype=param_dtype, remat=remat, attention_impl=attention_impl,
@@ -65,7 +68,16 @@ class _ScoredDecoder(nnx.Module):
     segment_ids: Int[IntLike, "B T"] | None,
   ) -> tuple[Float[Array, "B T d"], Float[Array, "B T L"]]:
     hidden, _ = self.model(input_ids, attention_mask, positions, segment_ids)
-    return hidden, self.score(hidden).astype(jnp.float32)
+    # Accumulated in fp32 from compute-dtype inputs, as the LM head: a bf16 output would round a
+    # value or reward to ~3 significant digits. An adapter on the head adds its term as usual.
+    score = self.score
+    scores = jnp.einsum(
+      "...d,dl->...l", hidden.astype(score.dtype), score.kernel[...].astype(score.dtype),
+      preferred_element_type=jnp.float32,
+    )
+    if score.lora is not None:
+      scores = scores + score.lora(hidden).astype(jnp.float32)
+    return hidden, scores
 
 
 class ValueModel(_ScoredDecoder):

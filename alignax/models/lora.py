@@ -38,14 +38,16 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.flax
 from flax import nnx
+from jax.sharding import NamedSharding
 from jaxtyping import Array, Float
 from safetensors import safe_open
 
 from alignax import _validate
 from alignax.models import checkpoint
 from alignax.models.config import DecoderConfig
-from alignax.models.decoder import CausalLM
+from alignax.models.decoder import CausalLM, Transformer
 from alignax.models.layers import LAYERS, DType, Linear, iter_linears
+from alignax.models.sharding import DEFAULT_RULES, Rules, state_shardings
 
 LoRAParam = nnx.LoRAParam
 
@@ -173,7 +175,12 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> tupl
 
   The model is changed in place and computes exactly what it computed before (``B = 0``) until the
   adapters are trained. Adapters compute in the projection's dtype; their parameters are in
-  ``config.param_dtype`` (default: the kernel's).
+  ``config.param_dtype`` (default: the kernel's). On a model placed on a mesh
+  (``from_pretrained(mesh=...)``, ``shard_model``) each adapter is placed on its kernel's mesh,
+  split like the kernel by the rules the model was placed with. An adapter on a
+  :class:`~alignax.models.CausalLM`'s ``lm_head`` acts through the effective weight ``W + s · A B``
+  (what :meth:`~alignax.models.CausalLM.get_lm_head` gives the fused log-prob kernel), so its
+  dropout is not applied.
 
   Args:
     model: any NNX module built from :class:`~alignax.models.layers.Linear` projections.
@@ -202,6 +209,11 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> tupl
   if unused:
     names = sorted({p.rsplit(".", 1)[-1] for p, _ in linears})
     raise ValueError(f"target_modules {unused} match no projection; the model has {names}")
+  # The rules the model was placed with (shard_model / from_pretrained(rules=)), else the default.
+  rules = next(
+    (node.rules for _, node in nnx.iter_graph(model) if isinstance(node, Transformer)),
+    DEFAULT_RULES,
+  )
   for _, linear in adapted:
     kernel = linear.kernel
     stacked = kernel.ndim == 3
@@ -218,7 +230,24 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> tupl
       layers=kernel.shape[0] if stacked else None,
       rngs=rngs,
     )
+    _place_like_kernel(linear, rules)
   return tuple(name for path, linear in adapted for name, _ in _per_layer(path, linear))
+
+
+def _place_like_kernel(linear: Linear, rules: Rules) -> None:
+  """Puts a new adapter on the mesh its kernel lives on, split by ``rules`` as the kernel is.
+
+  Without this, adapters attached to a model loaded with ``from_pretrained(mesh=...)`` (the only
+  way an 8B model fits) would sit whole on one device, and so would their optimiser state.
+  """
+  value = linear.kernel[...]
+  if isinstance(value, jax.core.Tracer) or not isinstance(
+    getattr(value, "sharding", None), NamedSharding
+  ):
+    return
+  state = nnx.state(linear.lora, LoRAParam)
+  shardings = state_shardings(state, value.sharding.mesh, rules)
+  nnx.update(linear.lora, jax.tree.map(jax.device_put, state, shardings))
 
 
 def _per_layer(path: str, linear: Linear) -> list[tuple[str, int | None]]:

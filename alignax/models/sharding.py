@@ -51,20 +51,23 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def set_mesh(model: nnx.Module, mesh: Mesh | None) -> None:
-  """Records ``mesh`` on every module of ``model`` that constrains activations (``.mesh``)."""
+def set_mesh(model: nnx.Module, mesh: Mesh | None, rules: Rules = DEFAULT_RULES) -> None:
+  """Records ``mesh`` and ``rules`` on every module of ``model`` that constrains activations
+  (``.mesh``, ``.rules``): its activations and KV cache then follow the rules its parameters did."""
   from alignax.models.decoder import Transformer
 
+  rules = tuple((name, tuple(t) if isinstance(t, list) else t) for name, t in rules)
   for _, node in nnx.iter_graph(model):
     if isinstance(node, Transformer):
       node.mesh = mesh
+      node.rules = rules
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.Module:
   """Moves every parameter of ``model`` onto ``mesh`` per ``rules``, in place; returns ``model``.
 
-  The model then constrains its activations on ``mesh`` (batch over ``(data, fsdp)``), so a jitted
-  step needs no ``jax.set_mesh`` context.
+  The model then constrains its activations on ``mesh`` by the same ``rules`` (by default batch
+  over ``(data, fsdp)``), so a jitted step needs no ``jax.set_mesh`` context.
 
   Raises:
     ValueError: ``mesh`` has Explicit axes.
@@ -72,5 +75,5 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> 
   state = nnx.state(model)
   shardings = state_shardings(state, mesh, rules)
   nnx.update(model, jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings))
-  set_mesh(model, mesh)
+  set_mesh(model, mesh, rules)
   return model
