@@ -89,6 +89,7 @@ def _place_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, accumula
 def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
         batches: Any, config: TrainingConfig, *, mesh: jax.sharding.Mesh,
         steps_per_epoch: int | None = None, trainable: Any = nnx.Param,
+        reference: nnx.Module | None = None,
         tokenizer: Any = None, export: Callable[[nnx.Module, str], None] | None = None,
         eval_fn: Callable[[nnx.Module], dict[str, float]] | None = None,
         on_step: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
@@ -104,6 +105,8 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
     mesh: the device mesh (``alignax.make_mesh``).
     steps_per_epoch: optimizer steps per epoch, to turn ``num_train_epochs`` into ``max_steps``.
     trainable: an nnx filter of the parameters to train (``alignax.LoRAParam`` for LoRA).
+    reference: a frozen reference model (a separate copy, e.g. for DPO); its weights ride in the
+      step's frozen argument and ``objective_fn`` is called with ``reference_graphdef=``.
     tokenizer: saved beside the final model.
     export: ``(model, output_dir) -> None`` writes the final model (default ``save_pretrained``).
     eval_fn: ``model -> metrics`` run every ``eval_steps`` (logged with an ``eval_`` prefix).
@@ -125,6 +128,11 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
   graphdef, params, frozen = nnx.split(model, trainable, ...)
   if not jax.tree.leaves(params):
     raise ValueError(f"trainable={trainable!r} selects no parameter of the model")
+  objective_options = {}
+  if reference is not None:
+    reference_graphdef, reference_state = nnx.split(reference)
+    frozen = (frozen, reference_state)
+    objective_options["reference_graphdef"] = reference_graphdef
   optimizer, schedule = make_optimizer(
     config.learning_rate, max_steps=max_steps, lr_scheduler_type=config.lr_scheduler_type,
     warmup_steps=config.warmup_steps, warmup_ratio=config.warmup_ratio,
@@ -133,7 +141,7 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
   )
   state = init_state(params, optimizer, frozen=frozen, seed=config.seed)
   state = _on_mesh(state._replace(opt_state=jax.jit(optimizer.init)(params)), mesh)
-  objective = objective_fn(graphdef)
+  objective = objective_fn(graphdef, **objective_options)
   step_fn = jax.jit(make_train_step(objective, optimizer, schedule=schedule), donate_argnums=0)
 
   main = jax.process_index() == 0
@@ -201,7 +209,7 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
         window_start, window_tokens = time.perf_counter(), 0
       eval_every = config.eval_steps or config.logging_steps
       if eval_fn is not None and (step % eval_every == 0 or step == max_steps):
-        nnx.update(model, state.params)
+        _sync(model, reference, state)
         logger.log(step, {f"eval_{k}": v for k, v in eval_fn(model).items()})
       if step % config.save_steps == 0 or step == max_steps:
         logger.update_state(num_input_tokens_seen=tokens_seen)
@@ -213,10 +221,20 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
     logger.save_state()
     logger.close()
 
-  nnx.update(model, state.params)
+  _sync(model, reference, state)
   if main:
     (export or _default_export(tokenizer))(model, config.output_dir)
   return FitResult(model=model, state=state, history=list(logger.state.log_history))
+
+
+def _sync(model: nnx.Module, reference: nnx.Module | None, state: TrainState) -> None:
+  """Points the model (and reference) at the state's arrays: the step donates its input, so the
+  arrays the modules held before it, frozen ones included, no longer exist."""
+  frozen = state.frozen
+  if reference is not None:
+    frozen, reference_state = frozen
+    nnx.update(reference, reference_state)
+  nnx.update(model, state.params, frozen)
 
 
 def _on_mesh(tree: Any, mesh: jax.sharding.Mesh) -> Any:

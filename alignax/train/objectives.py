@@ -14,8 +14,9 @@ from flax import nnx
 
 from alignax.aggregation import masked_count, masked_mean
 from alignax.kernels import token_logprobs
+from alignax.losses.preference import dpo_loss
 from alignax.losses.reward import bradley_terry_loss
-from alignax.losses.supervised import next_token_targets, sft_loss
+from alignax.losses.supervised import next_token_targets, sequence_logprobs, sft_loss
 from alignax.train.step import Objective
 
 # Preference batches from alignax.data: [2, B, T] (0 = chosen, 1 = rejected), margin [B].
@@ -88,6 +89,74 @@ def reward_objective(graphdef: nnx.GraphDef, *, center_rewards_coefficient: floa
     chosen, rejected = scores[:rows], scores[rows:]
     return bradley_terry_loss(chosen, rejected, margin=batch.get("margin"),
                               center_coefficient=center_rewards_coefficient or 0.0)
+
+  def weight(batch: dict[str, Any]) -> jax.Array:
+    return jnp.asarray(batch["input_ids"].shape[1], jnp.float32)  # a mean over pairs
+
+  return Objective(loss=loss, weight=weight, batch_axes=PREFERENCE_BATCH_AXES)
+
+
+_SEQUENCE_KEYS = ("input_ids", "attention_mask", "completion_mask")
+# DPO loss types that read the length-normalised margin (alignax.dpo_loss takes lengths for them).
+_LENGTH_NORMALISED = ("sigmoid_norm", "ipo")
+
+
+def _pair_logprobs(model: nnx.Module, batch: dict[str, Any], *, impl: str):
+  """Completion log-probs of chosen and rejected in ONE forward over ``[2B, T]``.
+
+  Returns ``(TokenLogprobs over [2, B, T], loss mask [2, B, T])``.
+  """
+  two, rows, length = batch["input_ids"].shape
+  flat = {k: batch[k].reshape(two * rows, length) for k in _SEQUENCE_KEYS}
+  out, mask = model_logprobs(model, flat, impl=impl)
+  return jax.tree.map(lambda x: x.reshape(two, rows, length), out), mask.reshape(two, rows, length)
+
+
+def dpo_objective(graphdef: nnx.GraphDef, *, reference_graphdef: nnx.GraphDef | None = None,
+                  beta: float = 0.1, loss_type: str | tuple[str, ...] = "sigmoid",
+                  loss_weights: tuple[float, ...] | None = None, label_smoothing: float = 0.0,
+                  rpo_alpha: float | None = None, reference_free: bool = False,
+                  impl: str = "auto") -> Objective:
+  """Direct preference optimisation (``alignax.dpo_loss`` and its loss types) on preference pairs.
+
+  The reference model is, by choice: a frozen copy (``fit(..., reference=model_copy)``, which passes
+  its weights as a step argument and its ``reference_graphdef`` here), the policy with its LoRA
+  adapters switched off (``reference_graphdef=None`` on a LoRA model: ``alignax.lora_disabled``, no
+  second copy of the weights), or none (``reference_free=True``). Chosen and rejected run in one
+  concatenated forward. ``rpo_alpha`` adds α·NLL of the chosen completions (RPO, Pang et al.
+  2024; TRL's ``rpo_alpha``). Metrics: TRL's ``rewards/*``, ``logps/*``, plus ``nll_loss`` with RPO.
+  """
+  from alignax.models.lora import lora_disabled
+
+  loss_types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+
+  def loss(params: Any, frozen: Any, batch: dict[str, Any], key: jax.Array):
+    del key
+    if reference_graphdef is None:
+      policy = nnx.merge(graphdef, params, frozen)
+      reference = None if reference_free else lora_disabled(policy)
+    else:
+      rest, reference_state = frozen
+      policy = nnx.merge(graphdef, params, rest)
+      reference = nnx.merge(reference_graphdef, reference_state)
+    out, mask = _pair_logprobs(policy, batch, impl=impl)
+    logps = sequence_logprobs(out.logp, mask)  # [2, B]
+    ref_logps = (None, None)
+    if reference is not None:
+      ref_out, _ = _pair_logprobs(reference, batch, impl=impl)
+      ref = jax.lax.stop_gradient(sequence_logprobs(ref_out.logp, mask))
+      ref_logps = (ref[0], ref[1])
+    lengths = {}
+    if any(t in _LENGTH_NORMALISED for t in loss_types):
+      counts = masked_count(mask, axis=-1)
+      lengths = {"chosen_lengths": counts[0], "rejected_lengths": counts[1]}
+    value, metrics = dpo_loss(logps[0], logps[1], *ref_logps, beta=beta, loss_type=loss_types,
+                              loss_weights=loss_weights, label_smoothing=label_smoothing, **lengths)
+    if rpo_alpha:
+      nll, _ = sft_loss(out.logp[0], mask[0])
+      value = value + rpo_alpha * nll
+      metrics = {**metrics, "nll_loss": jax.lax.stop_gradient(nll)}
+    return value, metrics
 
   def weight(batch: dict[str, Any]) -> jax.Array:
     return jnp.asarray(batch["input_ids"].shape[1], jnp.float32)  # a mean over pairs
