@@ -1,6 +1,7 @@
 """DPO through the engine: the objective equals a hand-composed reference (model logits + dpo_loss),
 and training raises the margins with a frozen-copy reference and with a LoRA-off reference."""
 
+import functools
 import json
 
 import jax
@@ -15,7 +16,7 @@ from alignax.models.config import config_from_hf
 from alignax.sharding import make_mesh
 from alignax.train.config import TrainingConfig
 from alignax.train.loop import fit
-from alignax.train.objectives import dpo_objective
+from alignax.train.objectives import cpo_objective, dpo_objective, orpo_objective, simpo_objective
 
 GOOD = ["great", "good", "wonderful"]
 BAD = ["terrible", "bad", "boring"]
@@ -91,8 +92,9 @@ def _train(setup, tmp_path, **kwargs):
   tokenizer, base, data_config, train = setup
   mesh = make_mesh(fsdp=8)
   config = TrainingConfig(output_dir=str(tmp_path), learning_rate=kwargs.pop("lr", 3e-3),
-                          per_device_train_batch_size=1, max_steps=12, logging_steps=1,
-                          save_steps=12, lr_scheduler_type="constant", disable_tqdm=True)
+                          per_device_train_batch_size=1, max_steps=kwargs.pop("max_steps", 12),
+                          logging_steps=1,
+                          save_steps=100, lr_scheduler_type="constant", disable_tqdm=True)
   model = kwargs.pop("model")(base, mesh)
   fit(model, kwargs.pop("objective"), data.make_batches(train, batch_size=8, config=data_config),
       config, mesh=mesh, **kwargs)
@@ -119,3 +121,30 @@ def test_dpo_with_lora_and_the_adapters_off_as_reference(setup, tmp_path):
   np.testing.assert_allclose(lines[0]["loss"], np.log(2.0), rtol=1e-5)  # B = 0: policy == base
   assert lines[-1]["rewards/margins"] > lines[0]["rewards/margins"] + 0.2
   assert lines[-1]["loss"] < lines[0]["loss"]
+
+
+@pytest.mark.parametrize("make_objective, margin", [
+  (orpo_objective, "log_odds_chosen"), (simpo_objective, "rewards/margins"),
+  (functools.partial(cpo_objective, cpo_alpha=0.1), "rewards/margins"),
+])
+def test_reference_free_objectives_lower_their_loss_and_move_margins(setup, tmp_path,
+                                                                      make_objective, margin):
+  tokenizer, base, data_config, train = setup
+  fixed = _batch(setup, rows=16)
+
+  def evaluate(model):  # the objective's own loss and metrics on one fixed batch
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return make_objective(graphdef).loss(params, rest, fixed, jax.random.key(0))
+
+  mesh = make_mesh(fsdp=8)
+  model = ax.from_pretrained(base, mesh=mesh)
+  before_loss, before = evaluate(model)
+  config = TrainingConfig(output_dir=str(tmp_path), learning_rate=3e-3,
+                          per_device_train_batch_size=1, max_steps=10, logging_steps=5,
+                          save_steps=100, lr_scheduler_type="constant", disable_tqdm=True)
+  fit(model, make_objective, data.make_batches(train, batch_size=8, config=data_config), config,
+      mesh=mesh)
+  after_loss, after = evaluate(model)
+  assert after_loss < before_loss
+  assert after[margin] > before[margin]
+  assert after["rewards/accuracies"] >= before["rewards/accuracies"]

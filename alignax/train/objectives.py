@@ -14,7 +14,7 @@ from flax import nnx
 
 from alignax.aggregation import masked_count, masked_mean
 from alignax.kernels import token_logprobs
-from alignax.losses.preference import dpo_loss
+from alignax.losses.preference import cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from alignax.losses.reward import bradley_terry_loss
 from alignax.losses.supervised import next_token_targets, sequence_logprobs, sft_loss
 from alignax.train.step import Objective
@@ -162,3 +162,49 @@ def dpo_objective(graphdef: nnx.GraphDef, *, reference_graphdef: nnx.GraphDef | 
     return jnp.asarray(batch["input_ids"].shape[1], jnp.float32)  # a mean over pairs
 
   return Objective(loss=loss, weight=weight, batch_axes=PREFERENCE_BATCH_AXES)
+
+
+def _reference_free_objective(graphdef: nnx.GraphDef, loss_fn, *, impl: str = "auto",
+                              **options: Any) -> Objective:
+  """A pairwise loss of the policy alone on length-normalised sequence log-probs (ORPO, SimPO,
+  CPO): ``loss_fn(chosen_logps, rejected_logps, chosen_lengths=, rejected_lengths=, **options)``."""
+
+  def loss(params: Any, frozen: Any, batch: dict[str, Any], key: jax.Array):
+    del key
+    out, mask = _pair_logprobs(nnx.merge(graphdef, params, frozen), batch, impl=impl)
+    logps, lengths = sequence_logprobs(out.logp, mask), masked_count(mask, axis=-1)
+    return loss_fn(logps[0], logps[1], chosen_lengths=lengths[0], rejected_lengths=lengths[1],
+                   **options)
+
+  def weight(batch: dict[str, Any]) -> jax.Array:
+    # A mean over pairs; ORPO's and CPO's NLL terms are token means within each micro-batch, so with
+    # accumulation they are weighted by pairs (exact when micro-batches hold equal token counts).
+    return jnp.asarray(batch["input_ids"].shape[1], jnp.float32)
+
+  return Objective(loss=loss, weight=weight, batch_axes=PREFERENCE_BATCH_AXES)
+
+
+def orpo_objective(graphdef: nnx.GraphDef, *, odds_ratio_weight: float = 0.1,
+                   impl: str = "auto") -> Objective:
+  """ORPO (Hong et al. 2024): chosen NLL + λ·odds-ratio term, no reference (``alignax.orpo_loss``;
+  TRL's ``--beta`` is λ)."""
+  return _reference_free_objective(graphdef, orpo_loss, impl=impl,
+                                   odds_ratio_weight=odds_ratio_weight)
+
+
+def simpo_objective(graphdef: nnx.GraphDef, *, beta: float = 2.0, gamma_beta_ratio: float = 0.25,
+                    label_smoothing: float = 0.0, loss_type: str = "sigmoid",
+                    impl: str = "auto") -> Objective:
+  """SimPO (Meng et al. 2024): length-normalised implicit rewards with a target margin
+  (``alignax.simpo_loss``)."""
+  return _reference_free_objective(graphdef, simpo_loss, impl=impl, beta=beta,
+                                   gamma_beta_ratio=gamma_beta_ratio,
+                                   label_smoothing=label_smoothing, loss_type=loss_type)
+
+
+def cpo_objective(graphdef: nnx.GraphDef, *, beta: float = 0.1, loss_type: str = "sigmoid",
+                  label_smoothing: float = 0.0, cpo_alpha: float = 1.0,
+                  impl: str = "auto") -> Objective:
+  """CPO (Xu et al. 2024): reference-free DPO + α·chosen NLL (``alignax.cpo_loss``)."""
+  return _reference_free_objective(graphdef, cpo_loss, impl=impl, beta=beta, loss_type=loss_type,
+                                   label_smoothing=label_smoothing, cpo_alpha=cpo_alpha)
