@@ -12,11 +12,11 @@ from flax import nnx
 
 import alignax as ax
 from alignax import data
-from alignax.models.config import config_from_hf
 from alignax.sharding import make_mesh
 from alignax.train.config import TrainingConfig
 from alignax.train.loop import fit
 from alignax.train.objectives import cpo_objective, dpo_objective, orpo_objective, simpo_objective
+from train_factories import tiny_tokenizer_and_llama
 
 GOOD = ["great", "good", "wonderful"]
 BAD = ["terrible", "bad", "boring"]
@@ -31,12 +31,7 @@ def _pairs(n, seed):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("dpo")
-  tokenizer = ax.build_tiny_tokenizer(str(root / "tok"))
-  hf = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
-  base = str(root / "base")
-  ax.save_pretrained(ax.CausalLM(config_from_hf(hf), rngs=nnx.Rngs(0)), base)
+  tokenizer, base = tiny_tokenizer_and_llama(root)
   data_config = data.DataConfig(max_length=32, seed=0)
   train = data.prepare_dataset(data.load_rows(_pairs(128, 0)), tokenizer, task="preference",
                                config=data_config)

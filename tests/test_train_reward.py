@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 
 import alignax as ax
 from alignax import data
-from alignax.models.config import config_from_hf
 from alignax.sharding import make_mesh
 from alignax.train.config import TrainingConfig
 from alignax.train.loop import fit
 from alignax.train.objectives import PREFERENCE_BATCH_AXES, reward_objective
 from alignax.train.step import split_micro_batches
+from train_factories import tiny_tokenizer_and_llama
 
 GOOD = ["great", "good", "wonderful", "happy", "nice"]
 BAD = ["terrible", "bad", "boring", "sad", "awful"]
@@ -43,13 +42,7 @@ def test_preference_micro_batches_split_the_pair_rows():
 
 
 def test_reward_model_learns_a_decidable_preference_and_exports_for_transformers(tmp_path):
-  tokenizer = ax.build_tiny_tokenizer(str(tmp_path / "tok"))
-  hf = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
-            pad_token_id=tokenizer.pad_token_id)
-  base = str(tmp_path / "base")
-  ax.save_pretrained(ax.CausalLM(config_from_hf(hf), rngs=nnx.Rngs(0)), base)
+  tokenizer, base = tiny_tokenizer_and_llama(tmp_path)
   mesh = make_mesh(fsdp=8)
   model = ax.from_pretrained(base, head="score", num_labels=1, mesh=mesh)
   data_config = data.DataConfig(max_length=32, seed=0)

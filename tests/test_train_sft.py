@@ -9,15 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import alignax as ax
 from alignax import data
-from alignax.models.config import config_from_hf
 from alignax.sharding import make_mesh
 from alignax.train.config import TrainingConfig
 from alignax.train.loop import fit
 from alignax.train.objectives import model_logprobs, sft_objective
+from train_factories import tiny_tokenizer_and_llama
 
 WORDS = ["one", "two", "three", "four", "five", "six"]
 
@@ -35,13 +34,7 @@ def _rows(n, seed):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("sft")
-  tokenizer = ax.build_tiny_tokenizer(str(root / "tok"))
-  hf = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
-  model = ax.CausalLM(config_from_hf(hf), rngs=nnx.Rngs(0))
-  base = str(root / "base")
-  ax.save_pretrained(model, base)
+  tokenizer, base = tiny_tokenizer_and_llama(root)
   config = data.DataConfig(max_length=32, seed=0)
   train = data.prepare_dataset(data.load_rows(_rows(64, 0)), tokenizer, task="sft", config=config)
   heldout = data.prepare_dataset(data.load_rows(_rows(16, 1)), tokenizer, task="sft", config=config)
