@@ -1,5 +1,5 @@
 """The engine's configuration: Hugging Face ``TrainingArguments``' names and meanings, so a TRL command
-line carries over (``transformers.HfArgumentParser`` parses these dataclasses), plus the mesh.
+line carries over (``transformers.HfArgumentParser`` parses these dataclasses).
 
 Batch sizes follow TRL: ``per_device_train_batch_size`` rows per data-parallel device (the devices
 of the ``data`` and ``fsdp`` mesh axes; tensor-parallel devices share their rows), accumulated
@@ -31,7 +31,6 @@ class TrainingConfig:
     save_total_limit: keep the newest N checkpoints (None: all).
     eval_steps: evaluate every N steps (None: ``logging_steps``'s value, as transformers).
     seed: initialisation, shuffling and dropout randomness.
-    bf16: compute in bfloat16 with fp32 master weights and optimizer state.
     lr_scheduler_type: ``linear`` | ``cosine`` | ``constant`` | ``constant_with_warmup``.
     warmup_steps, warmup_ratio: linear warmup (steps win when > 0).
     weight_decay: AdamW's decoupled weight decay.
@@ -42,8 +41,9 @@ class TrainingConfig:
     resume_from_checkpoint: a ``checkpoint-N`` directory, or ``true`` for the latest in
       ``output_dir``.
     disable_tqdm: no progress bar.
-    remat: rematerialisation policy of the decoder blocks (``dots``, ``full``, ...), or None.
-    mesh_data, mesh_fsdp, mesh_tensor: devices per mesh axis; -1 takes the remaining devices.
+
+  The compute dtype, remat policy and mesh belong to the model (``from_pretrained(path, mesh=,
+  dtype="bf16", remat=)``), so they are not options here.
   """
 
   output_dir: str
@@ -57,7 +57,6 @@ class TrainingConfig:
   save_total_limit: int | None = None
   eval_steps: int | None = None
   seed: int = 42
-  bf16: bool = False
   lr_scheduler_type: str = "linear"
   warmup_steps: int = 0
   warmup_ratio: float = 0.0
@@ -70,10 +69,6 @@ class TrainingConfig:
   run_name: str | None = None
   resume_from_checkpoint: str | None = None
   disable_tqdm: bool = False
-  remat: str | None = None
-  mesh_data: int = 1
-  mesh_fsdp: int = -1
-  mesh_tensor: int = 1
 
   def __post_init__(self):
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
@@ -87,10 +82,6 @@ class TrainingConfig:
     _validate.positive("num_train_epochs", self.num_train_epochs)
     _validate.choice("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULER_TYPES)
     resolve_report_to(self.report_to)
-    for name in ("mesh_data", "mesh_fsdp", "mesh_tensor"):
-      value = getattr(self, name)
-      if value != -1:
-        _validate.positive_int(name, value)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

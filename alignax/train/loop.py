@@ -172,6 +172,8 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
     state_file = os.path.join(saved.path(step), TRAINER_STATE_FILE)
     if os.path.exists(state_file):
       logger.restore_history(state_file)
+    if saved is not checkpointer:
+      saved.close()
     start = step
 
   from tqdm.auto import tqdm
