@@ -30,3 +30,13 @@ def mesh8():
   devices = jax.devices()
   assert len(devices) == 8, f"expected 8 fake CPU devices, got {len(devices)}"
   return jax.make_mesh((8,), ("data",), devices=devices)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  """The offline tiny BPE tokenizer (with its chat template), saved and loaded back, per module."""
+  from alignax.models import tokenizer
+
+  path = tmp_path_factory.mktemp("tok")
+  tokenizer.build_tiny_tokenizer(path)
+  return tokenizer.load_tokenizer(path)

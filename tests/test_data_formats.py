@@ -11,13 +11,6 @@ from alignax import data as D
 from alignax.models import tokenizer as tk
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-  path = tmp_path_factory.mktemp("tok")
-  tk.build_tiny_tokenizer(path)
-  return tk.load_tokenizer(path)
-
-
 def cfg(**kwargs):
   return D.DataConfig(**{"max_length": 256, **kwargs})
 

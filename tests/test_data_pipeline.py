@@ -7,16 +7,8 @@ import numpy as np
 import pytest
 
 from alignax import data as D
-from alignax.models import tokenizer as tk
 
 WORDS = "the quick brown fox jumps over a lazy dog while cats sleep in the sun".split()
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-  path = tmp_path_factory.mktemp("tok")
-  tk.build_tiny_tokenizer(path)
-  return tk.load_tokenizer(path)
 
 
 def sft_rows(n, seed=0):

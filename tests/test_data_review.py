@@ -19,13 +19,6 @@ WRONG = [{"role": "assistant", "content": "It is six."}]
 WORDS = "the quick brown fox jumps over a lazy dog while cats sleep in the sun".split()
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-  path = tmp_path_factory.mktemp("tok")
-  tk.build_tiny_tokenizer(path)
-  return tk.load_tokenizer(path)
-
-
 def write_jsonl(path, rows):
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   return path

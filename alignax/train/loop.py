@@ -139,8 +139,7 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
     weight_decay=config.weight_decay, adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
     adam_epsilon=config.adam_epsilon, max_grad_norm=config.max_grad_norm,
   )
-  state = init_state(params, optimizer, frozen=frozen, seed=config.seed)
-  state = _on_mesh(state._replace(opt_state=jax.jit(optimizer.init)(params)), mesh)
+  state = _on_mesh(init_state(params, optimizer, frozen=frozen, seed=config.seed), mesh)
   objective = objective_fn(graphdef, **objective_options)
   step_fn = jax.jit(make_train_step(objective, optimizer, schedule=schedule), donate_argnums=0)
 

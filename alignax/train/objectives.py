@@ -23,6 +23,11 @@ from alignax.train.step import Objective
 PREFERENCE_BATCH_AXES = {"input_ids": 1, "attention_mask": 1, "completion_mask": 1, "margin": 0}
 
 
+def _pair_count(batch: dict[str, Any]) -> jax.Array:
+  """The weight of a loss that is a mean over the preference pairs of a micro-batch."""
+  return jnp.asarray(batch["input_ids"].shape[1], jnp.float32)
+
+
 def model_logprobs(model: nnx.Module, batch: dict[str, Any], *, impl: str = "auto"):
   """Per-token log-probs (and entropy) of the batch's next tokens, with the loss mask.
 
@@ -90,10 +95,7 @@ def reward_objective(graphdef: nnx.GraphDef, *, center_rewards_coefficient: floa
     return bradley_terry_loss(chosen, rejected, margin=batch.get("margin"),
                               center_coefficient=center_rewards_coefficient or 0.0)
 
-  def weight(batch: dict[str, Any]) -> jax.Array:
-    return jnp.asarray(batch["input_ids"].shape[1], jnp.float32)  # a mean over pairs
-
-  return Objective(loss=loss, weight=weight, batch_axes=PREFERENCE_BATCH_AXES)
+  return Objective(loss=loss, weight=_pair_count, batch_axes=PREFERENCE_BATCH_AXES)
 
 
 _SEQUENCE_KEYS = ("input_ids", "attention_mask", "completion_mask")
@@ -158,10 +160,7 @@ def dpo_objective(graphdef: nnx.GraphDef, *, reference_graphdef: nnx.GraphDef | 
       metrics = {**metrics, "nll_loss": jax.lax.stop_gradient(nll)}
     return value, metrics
 
-  def weight(batch: dict[str, Any]) -> jax.Array:
-    return jnp.asarray(batch["input_ids"].shape[1], jnp.float32)  # a mean over pairs
-
-  return Objective(loss=loss, weight=weight, batch_axes=PREFERENCE_BATCH_AXES)
+  return Objective(loss=loss, weight=_pair_count, batch_axes=PREFERENCE_BATCH_AXES)
 
 
 def _reference_free_objective(graphdef: nnx.GraphDef, loss_fn, *, impl: str = "auto",
@@ -176,12 +175,9 @@ def _reference_free_objective(graphdef: nnx.GraphDef, loss_fn, *, impl: str = "a
     return loss_fn(logps[0], logps[1], chosen_lengths=lengths[0], rejected_lengths=lengths[1],
                    **options)
 
-  def weight(batch: dict[str, Any]) -> jax.Array:
-    # A mean over pairs; ORPO's and CPO's NLL terms are token means within each micro-batch, so with
-    # accumulation they are weighted by pairs (exact when micro-batches hold equal token counts).
-    return jnp.asarray(batch["input_ids"].shape[1], jnp.float32)
-
-  return Objective(loss=loss, weight=weight, batch_axes=PREFERENCE_BATCH_AXES)
+  # ORPO's and CPO's NLL terms are token means within each micro-batch, so with accumulation they
+  # are weighted by pairs (exact when micro-batches hold equal token counts).
+  return Objective(loss=loss, weight=_pair_count, batch_axes=PREFERENCE_BATCH_AXES)
 
 
 def orpo_objective(graphdef: nnx.GraphDef, *, odds_ratio_weight: float = 0.1,

@@ -63,7 +63,9 @@ class TrainState(NamedTuple):
 
 def init_state(params: Any, optimizer: optax.GradientTransformation, *, frozen: Any = None,
                seed: int = 0) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+  # Under jit the moments are created once, laid out like the parameters they track.
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=jax.jit(optimizer.init)(params),
                     rng=jax.random.key_data(jax.random.key(seed)), frozen=frozen)
 
 
