@@ -12,6 +12,7 @@ import pytest
 import alignax as ax
 from alignax import _validate
 from tests.reference import numpy_rl as ref
+from tests.reference import numpy_tokens
 
 
 def unchecked(fn):
@@ -143,24 +144,6 @@ def test_attention_masks_accept_0_1_integers():
 
 # --- next_token_targets ------------------------------------------------------------------------
 
-def _shift_loop(input_ids, attention, completion=None, segments=None):
-  """The hand-written shift, one position at a time."""
-  input_ids, attention = np.asarray(input_ids), np.asarray(attention) != 0
-  rows, length = input_ids.shape
-  targets = np.zeros((rows, length), np.int32)
-  loss_mask = np.zeros((rows, length), bool)
-  for i in range(rows):
-    for t in range(length - 1):
-      targets[i, t] = input_ids[i, t + 1]
-      ok = attention[i, t] and attention[i, t + 1]
-      if completion is not None:
-        ok = ok and bool(completion[i, t + 1])
-      if segments is not None:
-        ok = ok and segments[i, t] == segments[i, t + 1]
-      loss_mask[i, t] = ok
-  return targets, loss_mask
-
-
 def test_next_token_targets_right_and_left_padding():
   ids = np.array([[5, 6, 7, 8, 0, 0], [0, 0, 3, 4, 5, 9]], np.int32)
   attention = np.array([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]], np.int32)  # right / left padded
@@ -168,7 +151,7 @@ def test_next_token_targets_right_and_left_padding():
   for kwargs in ({}, {"completion": completion}):
     targets, loss_mask = ax.next_token_targets(
         ids, attention, completion_mask=kwargs.get("completion"))
-    want_targets, want_mask = _shift_loop(ids, attention, kwargs.get("completion"))
+    want_targets, want_mask = numpy_tokens.next_token_targets(ids, attention, kwargs.get("completion"))
     assert targets.dtype == jnp.int32 and loss_mask.dtype == jnp.bool_
     np.testing.assert_array_equal(targets, want_targets)
     np.testing.assert_array_equal(loss_mask, want_mask)
@@ -188,7 +171,7 @@ def test_next_token_targets_packing_and_leading_dims():
   completion = rng.integers(0, 2, size=(2, 3, 9))
   targets, loss_mask = ax.next_token_targets(ids, attention, completion_mask=completion,
                                              segment_ids=segments)
-  want_targets, want_mask = _shift_loop(ids.reshape(6, 9), attention.reshape(6, 9),
+  want_targets, want_mask = numpy_tokens.next_token_targets(ids.reshape(6, 9), attention.reshape(6, 9),
                                         completion.reshape(6, 9), segments.reshape(6, 9))
   np.testing.assert_array_equal(np.asarray(targets).reshape(6, 9), want_targets)
   np.testing.assert_array_equal(np.asarray(loss_mask).reshape(6, 9), want_mask)

@@ -20,6 +20,7 @@ import pytest
 import alignax as ax
 from tests.reference import numpy_preference as pref
 from tests.reference import numpy_rl as ref
+from tests.reference import numpy_tokens
 
 
 def unchecked(fn):
@@ -337,20 +338,6 @@ def test_ties_are_not_counted_as_wins():
 
 # --- next_token_targets ------------------------------------------------------------------------
 
-def _shift_loop(input_ids, attention, completion=None, segments=None):
-  """The shift by hand, one position at a time (independent of the vectorised code)."""
-  rows, length = input_ids.shape
-  targets = np.zeros((rows, length), np.int32)
-  loss_mask = np.zeros((rows, length), bool)
-  for i in range(rows):
-    for t in range(length - 1):
-      targets[i, t] = input_ids[i, t + 1]
-      loss_mask[i, t] = (attention[i, t] != 0 and attention[i, t + 1] != 0
-                         and (completion is None or completion[i, t + 1] != 0)
-                         and (segments is None or segments[i, t] == segments[i, t + 1]))
-  return targets, loss_mask
-
-
 def _random_batch(rng, rows, length):
   """Left-padded, right-padded, all-padding and packed rows in one batch."""
   ids = rng.integers(1, 1000, size=(rows, length)).astype(np.int32)
@@ -383,7 +370,7 @@ def test_next_token_targets_matches_the_loop(length):
     targets, loss_mask = ax.next_token_targets(
         ids, attention.astype(bool) if kwargs else attention,
         completion_mask=kwargs.get("completion"), segment_ids=kwargs.get("segments"))
-    want_targets, want_mask = _shift_loop(ids, attention, kwargs.get("completion"),
+    want_targets, want_mask = numpy_tokens.next_token_targets(ids, attention, kwargs.get("completion"),
                                           kwargs.get("segments"))
     np.testing.assert_array_equal(targets, want_targets)
     np.testing.assert_array_equal(loss_mask, want_mask)
