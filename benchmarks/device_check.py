@@ -1,6 +1,7 @@
-"""Accelerator checks of the attention and log-prob kernels, run by ``benchmarks/device_check.sh``.
+"""Accelerator checks of the attention and log-prob kernels and of a training step, run by
+``benchmarks/device_check.sh``.
 
-Four sections, each recorded in one JSON document (``--out``/device_check.json):
+Five sections, each recorded in one JSON document (``--out``/device_check.json):
 
   values  every attention implementation against the dense oracle (``impl="reference"``, fp32 at
           HIGHEST precision on the same rounded inputs): output and dq, dk, dv, as the largest
@@ -13,6 +14,12 @@ Four sections, each recorded in one JSON document (``--out``/device_check.json):
           bf16) per implementation: median of timed runs, each ending in ``block_until_ready``;
   memory  ``memory_analysis()`` temporaries of that forward + backward at T = 8k, 16k, 32k
           (dense implementations up to 16k);
+  train   MFU of a full training step (``benchmarks/train_step_mfu.py``: SFT objective, AdamW, a
+          ~1B Llama with random weights built on the device, batch 8 × 2048, bf16 compute with fp32
+          master weights, remat): tokens/s, model FLOPs per step, achieved FLOP/s, MFU against the
+          device's dense bf16 datasheet peak and against a matmul timed in the same run; with
+          attention ``auto`` and then, within the section's time budget, ``cudnn``. Goal: MFU ≥ 40%
+          (reported, not a pass/fail check);
   status  which implementations ran, which were skipped and why.
 
 A table of the results is printed last (and written to device_check_table.txt); the exit status
@@ -36,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import train_step_mfu  # a sibling module: benchmarks/, the script directory, is on sys.path
 from alignax.kernels import token_logprobs
 from alignax.kernels.attention import attention
 
@@ -176,12 +184,21 @@ def check_logprob_values(dry_run, report) -> None:
 
   def stats(impl):
     def loss(h, w):
-      out = token_logprobs(h, w, targets, impl=impl)  # TokenLogprobs(logp, entropy, lse)
+      out = token_logprobs(h, w, targets, impl=impl)  # logp, entropy, lse, target_is_top1
       return jnp.sum(out.logp) + jnp.sum(out.entropy), out
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
   (_, ref), ref_grads = stats("reference")(hidden.astype(jnp.float32), head.astype(jnp.float32))
+  # target_is_top1 on targets that are in turn the argmax and the runner-up of fp32 logits of the
+  # same rounded inputs; a token whose top two logits lie within 1e-3 may go either way.
+  with jax.default_matmul_precision("highest"):
+    top2, top2_ids = jax.lax.top_k(hidden.astype(jnp.float32) @ head.astype(jnp.float32).T, 2)
+  hit = jnp.arange(n) % 2 == 0
+  top1_targets = jnp.where(hit, top2_ids[:, 0], top2_ids[:, 1])
+  decidable = np.asarray(top2[:, 0] - top2[:, 1] > 1e-3)
+  top1 = lambda impl: jax.jit(lambda h, w: token_logprobs(  # noqa: E731
+    h, w, top1_targets, impl=impl).target_is_top1)
   impls = ["chunked"] + ([] if dry_run else ["pallas"])
   for impl in impls:
     row = {"check": "token_logprobs", "case": f"N{n}_d{d}_V{v}_bf16", "impl": impl}
@@ -191,8 +208,10 @@ def check_logprob_values(dry_run, report) -> None:
         "logp": _error(out.logp, ref.logp), "entropy": _error(out.entropy, ref.entropy),
         "dhidden": _error(grads[0], ref_grads[0]), "dhead": _error(grads[1], ref_grads[1]),
       })
+      wrong = (np.asarray(top1(impl)(hidden, head)) != np.asarray(hit)) & decidable
+      row["top1_wrong"] = int(wrong.sum())
       row["pass"] = max(row["logp"], row["entropy"]) <= 1e-3 and max(
-        row["dhidden"], row["dhead"]) <= 3e-2
+        row["dhidden"], row["dhead"]) <= 3e-2 and row["top1_wrong"] == 0
     except Exception as error:  # noqa: BLE001
       row["error"] = f"{type(error).__name__}: {str(error)[:400]}"
       row["pass"] = False
@@ -263,6 +282,59 @@ def attention_memory(impls, dry_run, report) -> None:
       rows.append(row)
 
 
+# Seconds a 1B step build needs (init, a compile of about a minute, 12 steps); the section starts
+# one only with this much left before --budget-s runs out, and a second one only with as much left
+# as the first took.
+TRAIN_STEP_NEEDS_S = 100
+MFU_GOAL = 0.40
+
+
+def time_train_step(dry_run, report, deadline) -> None:
+  """The ``train`` section: ``train_step_mfu.measure`` per attention implementation, while the
+  script's time budget (``deadline``, a ``time.perf_counter()`` value) allows."""
+  section = report.setdefault("train_step", {"runs": []})
+  if dry_run:
+    hf, batch, length, steps, impls, size = train_step_mfu.LLAMA_TINY, 2, 64, 2, ["auto"], 256
+  else:
+    hf, batch, length, steps, impls, size = train_step_mfu.LLAMA_1B, 8, 2048, 10, ["auto",
+                                                                                  "cudnn"], 8192
+  device = jax.devices()[0]
+  peak = train_step_mfu.peak_flops(device.device_kind)
+  section.update({"device_kind": device.device_kind, "mfu_goal": MFU_GOAL,
+                  "peak_tflops": None if peak is None else peak / 1e12,
+                  "peak_source": "dense bf16 tensor-core peak from the vendor datasheet "
+                                 "(train_step_mfu.PEAK_BF16)" if peak else
+                                 f"unknown for {device.device_kind!r}: MFU not computed"})
+  needs = 0 if dry_run else TRAIN_STEP_NEEDS_S  # the dry run ignores the budget
+  if not dry_run and deadline - time.perf_counter() < needs:
+    raise TimeoutError(f"the train-step section needs ~{needs} s and only "
+                       f"{deadline - time.perf_counter():.0f} s of --budget-s are left")
+  matmul = train_step_mfu.matmul_rate(size)
+  section["matmul_tflops"] = round(matmul / 1e12, 3)
+  _log(json.dumps({"check": "train_step", "matmul_tflops": section["matmul_tflops"]}))
+  for index, impl in enumerate(impls):
+    left = deadline - time.perf_counter()
+    if index and not dry_run and left < needs:
+      section["runs"].append({"attention_impl": impl,
+                              "skipped": f"{left:.0f} s left of --budget-s, ~{needs:.0f} s needed"})
+      continue
+    start = time.perf_counter()
+    try:
+      row = train_step_mfu.measure(hf, batch=batch, length=length, steps=steps,
+                                   remat="dots_with_no_batch_dims", attention_impl=impl, peak=peak,
+                                   matmul=matmul, log=_log)
+      if row["mfu"] is not None:
+        row["meets_goal"] = row["mfu"] >= MFU_GOAL
+    except Exception as error:  # noqa: BLE001
+      if index == 0:  # the library's default path must run; another impl may be unsupported
+        raise
+      row = {"attention_impl": impl, "error": f"{type(error).__name__}: {str(error)[:400]}"}
+    _log(json.dumps(row))
+    section["runs"].append(row)
+    needs = max(needs, time.perf_counter() - start)
+    jax.clear_caches()  # the next build starts from free device memory
+
+
 def _table(report) -> str:
   lines = [f"backend {report['backend']}  devices {report['devices']}  jax {report['jax']}"]
   for row in report.get("values", []):
@@ -274,7 +346,8 @@ def _table(report) -> str:
       errors = {key: row[key] for key in row
                 if key not in ("check", "case", "impl", "pass", "tolerance", "rows")}
       status = ("pass " if row["pass"] else "FAIL ") + " ".join(
-        f"{key}={value:.1e}" for key, value in errors.items())
+        f"{key}={value}" if isinstance(value, int) else f"{key}={value:.1e}"
+        for key, value in errors.items())
     lines.append(f"values  {row['check']:15} {row['case']:32} {row['impl']:11} {status}")
   for row in report.get("speed", []):
     value = row.get("fwd_bwd_ms", row.get("error", "")[:60])
@@ -283,6 +356,19 @@ def _table(report) -> str:
   for row in report.get("memory", []):
     lines.append(f"memory  T={row['T']:<6} {row['impl']:11} temp MiB "
                  f"{row.get('temp_mib', row.get('error', '')[:60])}")
+  train = report.get("train_step", {})
+  for row in train.get("runs", []):
+    head = f"train   attn={row.get('attention_impl', '?'):11}"
+    if "step_s_median" not in row:
+      lines.append(f"{head} {row.get('skipped') or 'ERROR ' + row.get('error', '')[:80]}")
+      continue
+    mfu = ("n/a (no datasheet peak for this device)" if row["mfu"] is None else
+           f"{100 * row['mfu']:.1f}% of {train['peak_tflops']:.1f} TFLOP/s peak")
+    lines.append(
+      f"{head} {row['params'] / 1e6:.1f}M params B{row['batch']}xT{row['length']} "
+      f"remat={row['remat']}: {row['tokens_per_s']:.0f} tok/s, step {row['step_s_median']} s, "
+      f"{row['achieved_tflops']} TFLOP/s, MFU {mfu}, {100 * row['fraction_of_matmul']:.1f}% of "
+      f"the {train['matmul_tflops']} TFLOP/s matmul")
   for row in report.get("skipped", []):
     lines.append(f"skipped {row['check']:15} {row['impl']:11} {row['why']}")
   return "\n".join(lines)
@@ -293,7 +379,11 @@ def main() -> None:
   parser.add_argument("--cpu-dry-run", action="store_true")
   parser.add_argument("--out", default=os.environ.get("OUT", "."))
   parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--budget-s", type=float, default=360.0,
+                      help="wall seconds for the whole script: the train-step section is skipped "
+                           "(and fails the check) when too little of it is left")
   cli = parser.parse_args()
+  deadline = time.perf_counter() + cli.budget_s
   backend = jax.default_backend()
   if not cli.cpu_dry_run and backend != "gpu":
     raise SystemExit(f"device_check.py needs a GPU backend (got {backend!r}); "
@@ -312,6 +402,7 @@ def main() -> None:
     ("attention speed", lambda: time_attention(impls, cli.cpu_dry_run,
                                                3 if cli.cpu_dry_run else cli.iters, report)),
     ("attention memory", lambda: attention_memory(impls, cli.cpu_dry_run, report)),
+    ("train step MFU", lambda: time_train_step(cli.cpu_dry_run, report, deadline)),
   ]
   for name, section in sections:
     _log(f"== {name}")

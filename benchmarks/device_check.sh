@@ -5,10 +5,16 @@
 #   (b) their forward + backward speed at Llama-3.1-8B head shapes;
 #   (c) the log-prob kernels: benchmarks/logprob_speed.py at (16384, 4096, 131072) bf16 and a
 #       values check of impl="pallas" against impl="reference";
-#   (d) attention temporaries at real sizes from memory_analysis().
+#   (d) attention temporaries at real sizes from memory_analysis();
+#   (e) MFU of a full training step (benchmarks/train_step_mfu.py: SFT + AdamW on a ~1B Llama built
+#       on the device, batch 8 x 2048, bf16 compute / fp32 master weights; about 90-120 s).
 # Results: $OUT/device_check.json, device_check_table.txt, logprob_speed.json and the logs (7 files,
 # under the 8 that come back from a device run); the short table is printed last. Exit status 1 if
 # a value check failed, a section raised, or nothing was checked.
+#
+# The training step imports alignax.train, which needs grain; the device image has none. Carry its
+# wheels in .whl/ (see BUILD.md: grain, array-record, portpicker for cp312 manylinux x86_64) and
+# this script installs them when `import grain` fails.
 #
 #   bash benchmarks/device_check.sh                # on a GPU machine
 #   bash benchmarks/device_check.sh --cpu-dry-run  # the same script at tiny sizes on a CPU
@@ -54,12 +60,21 @@ else
   logprob_args=(--n 16384 --d 4096 --v 131072 --dtype bfloat16)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" || true
 fi
+if ! "$py" -c 'import grain' 2>/dev/null; then
+  if compgen -G "$repo/.whl/*.whl" > /dev/null; then
+    echo "no grain here: installing the carried wheels in .whl/" >&2
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --target "$stage/site" "$repo"/.whl/*.whl && export PYTHONPATH="$PYTHONPATH:$stage/site"
+  else
+    echo "no grain here and no .whl/ wheels: the train-step section (e) will fail to import" >&2
+  fi
+fi
 "$py" -c 'import jax; print("jax", jax.__version__, jax.default_backend(), jax.devices())' \
   | tee "$out/jax.txt"
 
 status=0
 echo "== (c) log-prob speed: benchmarks/logprob_speed.py ${logprob_args[*]}" >&2
-if ! timeout 240 "$py" "$repo/benchmarks/logprob_speed.py" "${logprob_args[@]}" \
+if ! timeout 150 "$py" "$repo/benchmarks/logprob_speed.py" "${logprob_args[@]}" \
     > "$out/logprob_speed.json" 2> "$out/logprob_speed.log"; then
   echo "logprob_speed.py failed; see logprob_speed.log" >&2
   tail -n 20 "$out/logprob_speed.log" >&2
@@ -77,8 +92,10 @@ EOF
 
 # device_check.py prints its table on stdout (also written to device_check_table.txt) and exits 1
 # when a value check failed or a section raised; the table is printed last either way.
-echo "== (a, b, d) attention values, speed, memory; log-prob values" >&2
-if ! timeout 300 "$py" "$repo/benchmarks/device_check.py" --out "$out" "${check_args[@]}" \
+echo "== (a, b, d, e) attention values, speed, memory; log-prob values; train-step MFU" >&2
+# 150 + 390 s: the whole script ends inside one 10-minute device command (timeout_s=560).
+if ! timeout 390 "$py" "$repo/benchmarks/device_check.py" --budget-s 370 --out "$out" \
+    "${check_args[@]}" \
     > "$stage/table.txt" 2> "$out/device_check.log"; then
   tail -n 30 "$out/device_check.log" >&2
   status=1

@@ -32,20 +32,24 @@ PALLAS_VALIDATED_BACKENDS: frozenset[str] = frozenset()
 
 
 class TokenLogprobs(NamedTuple):
-  """Per-token outputs of ``token_logprobs``, all fp32 ``[*b]`` and 0 on masked tokens.
+  """Per-token outputs of ``token_logprobs``, all ``[*b]`` and 0 (False) on masked tokens.
 
-  The three come out of one pass over the vocabulary (the kernel accumulates all of them anyway);
-  gradients flow through whichever the caller uses.
+  All four come out of one pass over the vocabulary (the kernel accumulates them anyway);
+  gradients flow through whichever float the caller uses.
 
   Attributes:
-    logp: log π(target | context).
-    entropy: H(π(· | context)) = lse − E_π[z].
-    lse: log Σ_j exp z_j (e.g. for a z-loss).
+    logp: log π(target | context), fp32.
+    entropy: H(π(· | context)) = lse − E_π[z], fp32.
+    lse: log Σ_j exp z_j (e.g. for a z-loss), fp32.
+    target_is_top1: z_target ≥ max_j z_j, i.e. the target is an argmax of the logits (a tie
+      counts as a hit), bool. Its masked mean is TRL's SFT ``mean_token_accuracy``. False on masked
+      tokens and on targets outside [0, V) (or [0, valid_vocab)); no gradient.
   """
 
   logp: Float[Array, "*b"]
   entropy: Float[Array, "*b"]
   lse: Float[Array, "*b"]
+  target_is_top1: Bool[Array, "*b"]
 
 
 def implementation(impl: str) -> ModuleType:
@@ -304,7 +308,8 @@ def token_logprobs(
   are accumulated over vocabulary blocks with an online log-sum-exp in fp32, and the backward pass
   recomputes them block by block. ``softcap`` is Gemma 2's final-logit soft-capping
   c · tanh(z / c); the temperature divides the capped logits, as samplers do. The same pass gives
-  the entropy H = lse − Σ_j π_j z_j and the log-partition lse.
+  the entropy H = lse − Σ_j π_j z_j, the log-partition lse, and whether the target is a top-1
+  token (z_target ≥ the running max the log-sum-exp keeps), i.e. per-token accuracy.
 
   Args:
     hidden: final hidden states [*b, d] (any leading dims, e.g. [B, T, d]).
@@ -331,7 +336,8 @@ def token_logprobs(
       chunked; ``interpret=True`` for pallas on CPU).
 
   Returns:
-    ``TokenLogprobs(logp, entropy, lse)``, each fp32 [*b] and 0 on masked tokens.
+    ``TokenLogprobs(logp, entropy, lse, target_is_top1)``: three fp32 [*b], 0 on masked tokens, and
+    a bool [*b], False on masked tokens.
   """
   lm_head, bias, softcap, logit_scale = _unpack_head(
     head, name="head", bias=bias, softcap=softcap, logit_scale=logit_scale
@@ -347,7 +353,8 @@ def token_logprobs(
     vocab_size=lm_head.shape[0], mask=mask,
   )
   _check_mesh(mesh, vocab_axis, lm_head.shape[0])
-  _check_targets_in_range(targets, mask, lm_head.shape[0] if valid_vocab is None else valid_vocab)
+  num_valid = lm_head.shape[0] if valid_vocab is None else valid_vocab
+  _check_targets_in_range(targets, mask, num_valid)
   kernel = implementation(impl)
 
   hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -363,7 +370,8 @@ def token_logprobs(
     )
 
   def empty_stats(n):
-    return VocabStats(jnp.full((n,), -jnp.inf), jnp.zeros((n,)), jnp.zeros((n,)))
+    return VocabStats(jnp.full((n,), -jnp.inf), jnp.zeros((n,)), jnp.zeros((n,)),
+                      jnp.full((n,), -jnp.inf))
 
   stats = _run(
     stats_fn, empty_stats, common.psum_vocab_stats, (hidden,), (lm_head, bias), targets,
@@ -373,13 +381,16 @@ def token_logprobs(
 
   def finish(x):
     if mask is not None:
-      x = jnp.where(mask, x, 0.0)
+      x = jnp.where(mask, x, jnp.zeros((), x.dtype))
     return x.reshape(batch_shape)
 
+  # An out-of-range target (possible under jit) has target_logit 0, which must not count as a hit.
+  in_range = (targets >= 0) & (targets < num_valid)
   return TokenLogprobs(
     finish(stats.target_logit - stats.lse),
     finish(stats.lse - stats.expected_logit),
     finish(stats.lse),
+    finish(in_range & (stats.target_logit >= stats.max_logit)),
   )
 
 

@@ -248,14 +248,15 @@ def _vocab_stats_forward(cfg, hidden, weight, targets, bias):
       (common.online_init((size,)), jnp.zeros((size,), jnp.float32)), sources,
     )
     lse, expected = common.online_finalize(state)
+    # The running max is the top-1 logit (ties with the target are exact: same tiles, same z).
     return tuple(
       lax.dynamic_update_slice_in_dim(out, value, start, 0)
-      for out, value in zip(outputs, (lse, target, expected))
+      for out, value in zip(outputs, (lse, target, expected, state.max))
     )
 
   zeros = jnp.zeros((n,), jnp.float32)
   return VocabStats(
-    *_for_each_block(n, cfg.token_block, token_block, (zeros, zeros, zeros), sources)
+    *_for_each_block(n, cfg.token_block, token_block, (zeros,) * 4, sources)
   )
 
 
@@ -307,7 +308,8 @@ def vocab_stats(
   token_block: int = DEFAULT_TOKEN_BLOCK,
   vocab_block: int = DEFAULT_VOCAB_BLOCK,
 ) -> VocabStats:
-  """lse = log Σ_j e^{z_j}, target_logit = z_target, expected_logit = Σ_j softmax(z)_j z_j; tiled.
+  """lse = log Σ_j e^{z_j}, target_logit = z_target, expected_logit = Σ_j softmax(z)_j z_j and
+  max_logit = max_j z_j; tiled.
 
   z = cap(logit_scale · h Wᵀ + b) / temperature over the vocabulary slice [vocab_offset,
   vocab_offset + V) (see ``alignax.kernels.common``). Same contract as
@@ -325,14 +327,16 @@ def vocab_stats(
     vocab_block: vocabulary rows per tile.
 
   Returns:
-    ``VocabStats`` of [N] fp32 arrays, differentiable w.r.t. hidden, weight and bias.
+    ``VocabStats`` of [N] fp32 arrays, differentiable w.r.t. hidden, weight and bias (except
+    ``max_logit``, which is stop-gradient).
   """
   common.check_head_inputs(hidden, weight, targets, bias)
   cfg = _config(
     temperature=temperature, softcap=softcap, logit_scale=logit_scale, vocab_offset=vocab_offset,
     valid_vocab=valid_vocab, token_block=token_block, vocab_block=vocab_block,
   )
-  return _vocab_stats(cfg, hidden, weight, targets, bias)
+  stats = _vocab_stats(cfg, hidden, weight, targets, bias)
+  return stats._replace(max_logit=lax.stop_gradient(stats.max_logit))
 
 
 # ------------------------------------------------------------------------------------------------

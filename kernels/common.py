@@ -46,11 +46,16 @@ class VocabStats(NamedTuple):
     lse: ``log Σ_j exp z_j`` [N] (−inf when the slice holds no valid column).
     target_logit: ``z_target`` when the target lies in the slice, else 0 [N].
     expected_logit: ``Σ_j softmax(z)_j z_j`` over the slice [N]; entropy = lse − expected_logit.
+    max_logit: ``max_j z_j`` over the slice [N] (−inf when it holds no valid column), the running
+      max the online log-sum-exp keeps anyway. The target is a top-1 token exactly when
+      ``target_logit >= max_logit`` (both read from the same logit tile, so a tie is exact).
+      Carries no gradient: the kernels return it under ``lax.stop_gradient``.
   """
 
   lse: Float[Array, "*n"]
   target_logit: Float[Array, "*n"]
   expected_logit: Float[Array, "*n"]
+  max_logit: Float[Array, "*n"]
 
 
 class KLStats(NamedTuple):
@@ -338,7 +343,8 @@ def combine_vocab_stats(stats: VocabStats, *, axis: int = 0) -> VocabStats:
     stats.lse, (stats.expected_logit,), (stats.target_logit,),
     lambda x: jnp.max(x, axis=axis, keepdims=True), lambda x: jnp.sum(x, axis=axis, keepdims=True),
   )
-  return VocabStats(*(jnp.squeeze(x, axis) for x in (lse, target, expected)))
+  top = jnp.max(stats.max_logit, axis=axis, keepdims=True)
+  return VocabStats(*(jnp.squeeze(x, axis) for x in (lse, target, expected, top)))
 
 
 def combine_kl_stats(stats: KLStats, *, axis: int = 0) -> KLStats:
@@ -356,7 +362,7 @@ def psum_vocab_stats(stats: VocabStats, axis_name: str | tuple[str, ...]) -> Voc
     stats.lse, (stats.expected_logit,), (stats.target_logit,),
     lambda x: lax.pmax(x, axis_name), lambda x: lax.psum(x, axis_name),
   )
-  return VocabStats(lse, target, expected)
+  return VocabStats(lse, target, expected, lax.pmax(stats.max_logit, axis_name))
 
 
 def psum_kl_stats(stats: KLStats, axis_name: str | tuple[str, ...]) -> KLStats:

@@ -213,8 +213,9 @@ def _tile_cotangent(r, rows_n, rows_v, vocab_block, cfg: _Config) -> Array:
   columns = _columns(cfg, vocab_block)
   z_p, slope = _logits(r, "p", rows_n, rows_v, columns, cfg)
   if cfg.kind == "vocab":
-    stats = VocabStats(_row(r, "lse", rows_n), jnp.zeros((cfg.block_n,)), _row(r, "mean", rows_n))
-    cotangent = VocabStats(*(_row(r, "ct_" + n, rows_n) for n in ("lse", "target", "mean")))
+    zero = jnp.zeros((cfg.block_n,))  # fields the logit cotangent does not read
+    stats = VocabStats(_row(r, "lse", rows_n), zero, _row(r, "mean", rows_n), zero)
+    cotangent = VocabStats(*(_row(r, "ct_" + n, rows_n) for n in ("lse", "target", "mean")), zero)
     dz = common.vocab_stats_logit_cotangent(
       z_p, columns, _row(r, "targets", rows_n), stats, cotangent
     )
@@ -410,7 +411,9 @@ def _local_targets(cfg: _Config, targets: Array) -> Array:
 def _forward(cfg: _Config, arrays: dict[str, Array], n: int) -> VocabStats | KLStats:
   if n == 0:  # no tokens: a grid with a zero extent does not lower
     empty = jnp.zeros_like(arrays["hidden_p"][:, 0], jnp.float32)
-    return (VocabStats if cfg.kind == "vocab" else KLStats)(empty, empty, empty)
+    if cfg.kind == "vocab":
+      return VocabStats(empty, empty, empty, empty)
+    return KLStats(empty, empty, empty)
   grid_axes = ("v", "n")  # token blocks vary fastest: programs running together share a W tile
   inputs = {name: (a, _spec(name, a, grid_axes, cfg)) for name, a in arrays.items()}
   partial_names = ["max", "sumexp", "weighted"]
@@ -421,11 +424,11 @@ def _forward(cfg: _Config, arrays: dict[str, Array], n: int) -> VocabStats | KLS
   out = _call(_forward_kernel, cfg, (cfg.num_v, cfg.num_n), ("parallel", "parallel"), inputs,
               outputs)
   out = {name[4:]: value[:, :n, 0] for name, value in out.items()}
-  lse, mean = common.online_finalize(
-    _merge_tiles(common.OnlineState(out["max"], out["sumexp"], out["weighted"]))
-  )
+  merged = _merge_tiles(common.OnlineState(out["max"], out["sumexp"], out["weighted"]))
+  lse, mean = common.online_finalize(merged)
   if cfg.kind == "vocab":
-    return VocabStats(lse, jnp.sum(out["target"], axis=0), mean)
+    # merged.max is the top-1 logit, from the very tiles that gave the target logit.
+    return VocabStats(lse, jnp.sum(out["target"], axis=0), mean, merged.max)
   zeros = jnp.zeros_like(out["sumexp_q"])
   lse_q, _ = common.online_finalize(
     _merge_tiles(common.OnlineState(out["max_q"], out["sumexp_q"], zeros))
@@ -644,7 +647,7 @@ def vocab_stats(
   num_warps: int = 4,
   num_stages: int = 3,
 ) -> VocabStats:
-  """lse, z_target and E_softmax(z)[z] over the vocabulary slice held by ``weight``, in Pallas.
+  """lse, z_target, E_softmax(z)[z] and max z over the vocabulary slice in ``weight``, in Pallas.
 
     z = cap(logit_scale · h Wᵀ + b) / T;   lse = log Σ_j e^{z_j};   expected_logit = Σ_j p_j z_j
 
@@ -668,7 +671,8 @@ def vocab_stats(
     num_warps, num_stages: Triton launch parameters (ignored on TPU).
 
   Returns:
-    VocabStats(lse, target_logit, expected_logit), each fp32 [N].
+    VocabStats(lse, target_logit, expected_logit, max_logit), each fp32 [N]; ``max_logit`` (the
+    merged per-tile maxima the log-sum-exp keeps) is stop-gradient.
   """
   common.check_head_inputs(hidden, weight, targets, bias)
   cfg = _config(
@@ -677,7 +681,8 @@ def vocab_stats(
     block_v=block_v, block_k=block_k, interpret=interpret, backend=backend, num_warps=num_warps,
     num_stages=num_stages,
   )
-  return _stats(cfg, hidden, weight, bias, targets)
+  stats = _stats(cfg, hidden, weight, bias, targets)
+  return stats._replace(max_logit=lax.stop_gradient(stats.max_logit))
 
 
 def kl_stats(

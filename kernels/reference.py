@@ -57,11 +57,12 @@ def vocab_stats(
   vocab_offset: int = 0,
   valid_vocab: int | None = None,
 ) -> VocabStats:
-  """lse = log Σ_j e^{z_j}, target_logit = z_target, expected_logit = Σ_j softmax(z)_j z_j.
+  """lse = log Σ_j e^{z_j}, target_logit = z_target, expected_logit = Σ_j softmax(z)_j z_j,
+  max_logit = max_j z_j.
 
   z = cap(logit_scale · h Wᵀ + b) / temperature over the slice [vocab_offset, vocab_offset + V) of
   the vocabulary (see ``alignax.kernels.common``); the target logit is 0 when the target lies
-  outside the slice. Materialises the logits.
+  outside the slice. Materialises the logits. ``max_logit`` is stop-gradient.
 
   Args:
     hidden: hidden states [N, d].
@@ -91,7 +92,8 @@ def vocab_stats(
   index = jnp.clip(local, 0, weight.shape[0] - 1)
   picked = jnp.take_along_axis(z_finite, index[:, None], axis=-1)[:, 0]
   target_logit = jnp.where(in_slice & valid[index], picked, 0.0)
-  return VocabStats(lse, target_logit, jnp.sum(probs * z_finite, axis=-1))
+  max_logit = lax.stop_gradient(jnp.max(z, axis=-1))
+  return VocabStats(lse, target_logit, jnp.sum(probs * z_finite, axis=-1), max_logit)
 
 
 def kl_stats(

@@ -122,12 +122,15 @@ def test_combine_is_exact_for_large_logits():
   lse = (1e4 + rng.normal(size=(4, 64))).astype(np.float32)
   expected = (lse - rng.uniform(0, 5, size=(4, 64))).astype(np.float32)
   target = np.zeros_like(lse)
-  combined = common.combine_vocab_stats(common.VocabStats(*map(jnp.asarray, (lse, target, expected))))
+  top = lse - 1.0
+  combined = common.combine_vocab_stats(
+    common.VocabStats(*map(jnp.asarray, (lse, target, expected, top))))
   lse64, expected64 = lse.astype(np.float64), expected.astype(np.float64)
   whole_lse = np.log(np.exp(lse64 - lse64.max(0)).sum(0)) + lse64.max(0)
   whole_expected = (np.exp(lse64 - whole_lse) * expected64).sum(0)
   np.testing.assert_allclose(combined.lse, whole_lse, rtol=0, atol=2e-3)
   np.testing.assert_allclose(combined.expected_logit, whole_expected, rtol=0, atol=5e-3)
+  np.testing.assert_array_equal(combined.max_logit, top.max(0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,11 +187,12 @@ def test_chunked_bf16_inputs_within_bf16_tolerance_of_fp32_reference():
 
 def test_chunked_check_grads():
   x = _inputs(n=9, d=4, v=11)
-  # check_grads perturbs with NumPy arrays; the kernels take jax arrays.
+  # check_grads perturbs with NumPy arrays; the kernels take jax arrays. max_logit is
+  # stop-gradient by contract, so only the three differentiable statistics are checked.
   fn = lambda h, w, b: chunked.vocab_stats(  # noqa: E731
     jnp.asarray(h), jnp.asarray(w), x["targets"], bias=jnp.asarray(b), softcap=2.0,
     temperature=0.9, token_block=4, vocab_block=4,
-  )
+  )[:3]
   check_grads(fn, (x["hidden"], x["weight"], x["bias"]), order=1, modes=["rev"], eps=1e-2,
               atol=2e-2, rtol=2e-2)
 
@@ -452,6 +456,125 @@ def test_vocab_sharded_over_tensor_axis_matches_unsharded(valid_vocab):
     lambda h: jnp.sum(jnp.cos(kl(h, **k)))))(x["hidden"])
   for g, w in zip(value_and_grad(**sharded), value_and_grad(impl="reference")):
     _assert_close(g, w, 1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# target_is_top1: per-token accuracy from the same pass.
+
+
+def _numpy_top1(hidden, weight, bias, targets, **options):
+  """``argmax(z) == target`` on float64 logits materialised from the same (rounded) inputs, and
+  the smallest top-1 / top-2 gap (the comparison is only well posed when it is not ~0)."""
+  z = _numpy_logits(np.asarray(hidden, np.float32), np.asarray(weight, np.float32),
+                    None if bias is None else np.asarray(bias, np.float32), **options)
+  top2 = np.sort(z, -1)[:, -2:]
+  return np.argmax(z, -1) == np.asarray(targets), float(np.min(top2[:, 1] - top2[:, 0]))
+
+
+def _top1_and_runner_up_targets(hidden, weight, bias, seed, **options):
+  """Targets that are, token by token in turn, the argmax (a hit), the runner-up (the closest
+  miss: it beats every logit but one) and a random id."""
+  z = _numpy_logits(np.asarray(hidden, np.float32), np.asarray(weight, np.float32),
+                    np.asarray(bias, np.float32), **options)
+  num_valid = options.get("valid_vocab") or z.shape[1]
+  targets = np.random.default_rng(seed).integers(0, num_valid, z.shape[0])
+  ranked = np.argsort(z, -1)
+  targets[0::3], targets[1::3] = ranked[0::3, -1], ranked[1::3, -2]
+  return jnp.asarray(targets, jnp.int32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("options", [{}, dict(temperature=0.7, softcap=3.0, logit_scale=1.3,
+                                              valid_vocab=90)], ids=["plain", "transform-padding"])
+def test_target_is_top1_equals_argmax_of_materialised_logits(impl, dtype, options):
+  x = _inputs(seed=11, n=2 * 13)  # V = 101 is not a multiple of the 16-column vocabulary block
+  hidden, weight, bias = (x[k].astype(dtype) for k in ("hidden", "weight", "bias"))
+  targets = _top1_and_runner_up_targets(hidden, weight, bias, seed=12, **options)
+  want, gap = _numpy_top1(hidden, weight, bias, targets, **options)
+  assert gap > 1e-4  # no near-tie the fp32 kernels could legitimately order differently
+  mask = np.random.default_rng(13).random(2 * 13) > 0.3
+  mask[1] = False  # at least one masked hit
+  want &= mask
+  call = functools.partial(api.token_logprobs, impl=impl, **options,
+                           **(BLOCKS if impl == "chunked" else {}))
+  out = jax.jit(call)(hidden.reshape(2, 13, D), weight, targets.reshape(2, 13),
+                      bias=bias, mask=jnp.asarray(mask).reshape(2, 13))
+  assert out.target_is_top1.dtype == jnp.bool_ and out.target_is_top1.shape == (2, 13)
+  np.testing.assert_array_equal(np.asarray(out.target_is_top1).reshape(-1), want)
+  assert 0 < want.sum() < mask.sum()  # hits and unmasked misses both present
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_target_is_top1_counts_exact_ties_as_hits(impl):
+  # Rows 3 and 10 of the head are equal and dominate every logit (hidden > 0): both are top-1 for
+  # every token, and they sit in different 4-column blocks of the chunked kernel.
+  rng = np.random.default_rng(5)
+  hidden = jnp.asarray(np.abs(rng.normal(size=(6, D))) + 0.1, jnp.float32)
+  weight = rng.normal(size=(V, D)) * 0.01
+  weight[3] = weight[10] = 1.0
+  targets = jnp.asarray([3, 10, 5, 3, 10, 100], jnp.int32)
+  out = jax.jit(functools.partial(api.token_logprobs, impl=impl, token_block=4, vocab_block=4)
+                if impl == "chunked" else functools.partial(api.token_logprobs, impl=impl))(
+    hidden, jnp.asarray(weight, jnp.float32), targets)
+  np.testing.assert_array_equal(out.target_is_top1, [True, True, False, True, True, False])
+
+
+def test_target_is_top1_false_for_masked_and_out_of_range_targets():
+  x = _inputs(n=6, v=12)
+  z = _numpy_logits(x["hidden"], x["weight"])
+  top = np.argmax(z, -1)
+  # Every target is the argmax, then: token 1 masked, token 2 out of range (traced: no error),
+  # token 3 beyond valid_vocab (its logit is excluded, so it cannot be top-1). A bias of −50 makes
+  # every logit negative, so the 0 an unknown target scores would otherwise beat the max.
+  targets = jnp.asarray(top).at[2].set(-1)
+  mask = jnp.arange(6) != 1
+  bias = jnp.full((12,), -50.0)
+  call = jax.jit(functools.partial(api.token_logprobs, impl="chunked", token_block=4,
+                                   vocab_block=8), static_argnames="valid_vocab")
+  out = call(x["hidden"], x["weight"], targets, mask=mask, bias=bias)
+  np.testing.assert_array_equal(out.target_is_top1, [True, False, False, True, True, True])
+  beyond = call(x["hidden"], x["weight"], targets.at[3].set(11), mask=mask, bias=bias,
+                valid_vocab=11)
+  assert not beyond.target_is_top1[3]
+
+
+def test_target_is_top1_sharded_over_tokens_and_vocabulary(mesh8):
+  x = _inputs(seed=21, n=15, v=96)
+  mask = jnp.arange(15) % 4 != 1
+  for valid_vocab in (None, 40):  # 40: the last two of four 24-row shards are partial / empty
+    options = dict(temperature=0.9, softcap=5.0, valid_vocab=valid_vocab)
+    targets = _top1_and_runner_up_targets(x["hidden"], x["weight"], x["bias"], seed=22, **options)
+    want, gap = _numpy_top1(x["hidden"], x["weight"], x["bias"], targets, **options)
+    assert gap > 1e-4
+    want &= np.asarray(mask)
+    vocab_mesh = jax.make_mesh((2, 4), ("data", "tensor"))
+    runs = {
+      "vocab": dict(mesh=vocab_mesh, vocab_axis="tensor"),
+      "tokens": dict(mesh=mesh8),  # 15 tokens padded to 16 for 8 devices
+    }
+    for name, run in runs.items():
+      out = jax.jit(functools.partial(api.token_logprobs, impl="chunked", token_block=4,
+                                      vocab_block=16, **options, **run))(
+        x["hidden"], x["weight"], targets, bias=x["bias"], mask=mask)
+      np.testing.assert_array_equal(out.target_is_top1, want, err_msg=name)
+  assert want.any() and not want.all()
+
+
+def test_target_is_top1_adds_no_logit_sized_buffer():
+  n, v, d = 2048, 32768, 256
+  shapes = (jax.ShapeDtypeStruct((n, d), jnp.bfloat16), jax.ShapeDtypeStruct((v, d), jnp.bfloat16),
+            jax.ShapeDtypeStruct((n,), jnp.int32))
+
+  def temp_bytes(outputs):
+    fn = lambda h, w, t: outputs(api.token_logprobs(  # noqa: E731
+      h, w, t, impl="chunked", token_block=256, vocab_block=1024))
+    return jax.jit(fn).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+
+  with_top1 = temp_bytes(lambda out: (out.logp, out.target_is_top1))
+  assert with_top1 < 0.02 * n * v * 4
+  # Beyond the logp-only program: at most a few [N] vectors.
+  assert with_top1 <= temp_bytes(lambda out: out.logp) + 16 * n * 4
 
 
 # ------------------------------------------------------------------------------------------------

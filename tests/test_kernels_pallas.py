@@ -70,7 +70,7 @@ def test_vocab_stats_fp32_matches_reference(key, backend, options):
   wrap = (lambda f: lambda h, w: f(h, w, None)) if with_bias is None else (lambda f: f)
   stats, grads = jax.jit(lambda *a: _value_and_grads(wrap(pallas), cotangent, *a))(*args)
   ref_stats, ref_grads = _value_and_grads(wrap(ref), cotangent, *args)
-  _assert_close(stats, ref_stats, 1e-5, ["lse", "target_logit", "expected_logit"])
+  _assert_close(stats, ref_stats, 1e-5, ["lse", "target_logit", "expected_logit", "max_logit"])
   _assert_close(grads, ref_grads, 1e-5, ["d_hidden", "d_weight", "d_bias"])
 
 
@@ -91,8 +91,45 @@ def test_vocab_stats_bf16_within_bf16_tolerance_of_fp32(key):
   assert grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.bfloat16
   # Statistics accumulate in fp32 from exact bf16 products; gradients round dz to bf16 once for
   # the dX / dW dots (about 2^-8 relative).
-  _assert_close(stats, ref_stats, 1e-5, ["lse", "target_logit", "expected_logit"])
+  _assert_close(stats, ref_stats, 1e-5, ["lse", "target_logit", "expected_logit", "max_logit"])
   _assert_close(grads, ref_grads, 2e-2, ["d_hidden", "d_weight", "d_bias"])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", ["mosaic_tpu", "triton"])
+def test_target_is_top1_equals_argmax_of_materialised_logits(key, backend, dtype):
+  hidden, weight, bias, _, _ = _inputs(key, dtype=dtype)
+  options = {"temperature": 0.7, "softcap": 5.0, "valid_vocab": 190}
+  # The oracle: argmax of the materialised fp32 logits (exact bf16 products) over valid columns.
+  z = np.asarray(reference._logits(
+    hidden.astype(jnp.float32), weight.astype(jnp.float32), bias, temperature=0.7, softcap=5.0,
+    logit_scale=1.0, vocab_offset=0, valid_vocab=190)[0])
+  top2 = np.sort(z, -1)[:, -2:]
+  assert np.min(top2[:, 1] - top2[:, 0]) > 1e-4  # no near-tie to order differently
+  # In turn the argmax (a hit), the runner-up (the closest miss) and a random id.
+  targets = np.random.default_rng(0).integers(0, 190, N)
+  ranked = np.argsort(z, -1)
+  targets[0::3], targets[1::3] = ranked[0::3, -1], ranked[1::3, -2]
+  mask = np.arange(N) % 5 != 2
+  want = (np.argmax(z, -1) == targets) & mask
+  out = jax.jit(lambda h, w, b: token_logprobs(
+    h, w, jnp.asarray(targets), mask=jnp.asarray(mask), bias=b, impl="pallas", interpret=True,
+    backend=backend, **BLOCKS, **options))(hidden, weight, bias)
+  np.testing.assert_array_equal(out.target_is_top1, want)
+  assert 0 < want.sum() < mask.sum()
+
+
+def test_target_is_top1_counts_ties_across_tiles_as_hits():
+  # Head rows 3 and 100 are equal and dominate (hidden > 0): both are top-1 for every token, in
+  # different 64-column tiles; a target elsewhere is a miss.
+  rng = np.random.default_rng(1)
+  hidden = jnp.asarray(np.abs(rng.normal(size=(5, D))) + 0.1, jnp.float32)
+  weight = rng.normal(size=(V, D)) * 0.01
+  weight[3] = weight[100] = 1.0
+  targets = jnp.asarray([3, 100, 7, 100, 3])
+  out = jax.jit(lambda h, w: token_logprobs(h, w, targets, impl="pallas", interpret=True,
+                                            **BLOCKS))(hidden, jnp.asarray(weight, jnp.float32))
+  np.testing.assert_array_equal(out.target_is_top1, [True, True, False, True, True])
 
 
 @pytest.mark.parametrize("backend", ["mosaic_tpu", "triton"])
@@ -176,12 +213,23 @@ def test_sharded_tokens_and_vocabulary_in_interpret_mode():
     return jnp.sum(cotangent[0, :15] * out.logp + cotangent[1, :15] * out.entropy)
 
   args = (hidden, weight, bias)
-  got = jax.jit(jax.value_and_grad(lambda *a: loss(
-    *a, impl="pallas", interpret=True, mesh=mesh, vocab_axis="tensor", block_n=4, block_v=8,
-  ), (0, 1, 2)))(*args)
+  sharded = dict(impl="pallas", interpret=True, mesh=mesh, vocab_axis="tensor", block_n=4,
+                 block_v=8)
+  got = jax.jit(jax.value_and_grad(lambda *a: loss(*a, **sharded), (0, 1, 2)))(*args)
   want = jax.value_and_grad(lambda *a: loss(*a, impl="reference"), (0, 1, 2))(*args)
   _assert_close(jax.tree.leaves(got), jax.tree.leaves(want), 1e-5,
                 ["loss", "d_hidden", "d_weight", "d_bias"])
+  # Per-token accuracy: the shards' maxima combine (pmax) before the target logit is compared.
+  top1 = lambda targets, **options: token_logprobs(  # noqa: E731
+    hidden, weight, targets, mask=mask, bias=bias, valid_vocab=40, softcap=5.0,
+    **options).target_is_top1
+  ranked = jnp.argsort(reference._logits(hidden, weight, bias, temperature=1.0, softcap=5.0,
+                                         logit_scale=1.0, vocab_offset=0, valid_vocab=40)[0], -1)
+  turn = jnp.arange(15) % 3  # in turn the argmax, the runner-up and a random id
+  hits = jnp.where(turn == 0, ranked[:, -1], jnp.where(turn == 1, ranked[:, -2], targets))
+  want_top1 = top1(hits, impl="reference")
+  assert np.any(want_top1) and not np.all(want_top1)
+  np.testing.assert_array_equal(jax.jit(lambda t: top1(t, **sharded))(hits), want_top1)
 
 
 def test_frozen_head_skips_the_weight_kernel(key):
