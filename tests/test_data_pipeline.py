@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from alignax import data as D
+from alignax.data.pipeline import kl_partners
 
 WORDS = "the quick brown fox jumps over a lazy dog while cats sleep in the sun".split()
 
@@ -143,6 +144,36 @@ def test_unpaired_batch_has_labels(tok):
     assert batch["kl_completion_mask"][i, :n].tolist() == [0] * len(split[i][0]) + [1] * len(
       split[i - 1][1]
     )
+
+
+def test_kl_rows_are_paired_once_over_the_dataset_with_another_prompt(tok):
+  """A paired row gives two adjacent unpaired examples with one prompt; each example's KL row
+  takes the completion of the nearest earlier example with a different prompt, in dataset order,
+  so it does not depend on the shuffle or the batch size (and can be precomputed per example)."""
+  rows = [{"prompt": f"{i}: what?", "chosen": " yes" * (i % 3 + 1), "rejected": " no"}
+          for i in range(6)]
+  ds, config = prepared(tok, rows, task="unpaired")
+  # Examples 2k and 2k + 1 share row k's prompt; both pair with example 2k - 1 (row k - 1).
+  assert kl_partners(ds.examples) == [11, 11, 1, 1, 3, 3, 5, 5, 7, 7, 9, 9]
+
+  def split(e):
+    mask = e["completion_mask"]
+    return tuple(e["input_ids"][mask == 0].tolist()), tuple(e["input_ids"][mask == 1].tolist())
+
+  expected = {}
+  for e, partner in zip(ds.examples, kl_partners(ds.examples)):
+    expected[tuple(e["input_ids"].tolist())] = split(e)[0] + split(ds.examples[partner])[1]
+  for batch_size in (2, 4):
+    for batch in D.make_batches(ds, batch_size=batch_size, config=config, num_epochs=2):
+      for i, seq in enumerate(unpad(batch)):
+        n = batch["kl_attention_mask"][i].sum()
+        assert tuple(batch["kl_input_ids"][i, :n].tolist()) == expected[seq]
+
+
+def test_kl_partners_with_one_prompt_fall_back_to_the_previous_example(tok):
+  rows = [{"prompt": "same?", "completion": " a" * (i + 1), "label": True} for i in range(3)]
+  ds, _ = prepared(tok, rows, task="unpaired")
+  assert kl_partners(ds.examples) == [2, 0, 1]
 
 
 def test_prompt_batch_is_left_padded_with_extras(tok):

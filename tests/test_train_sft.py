@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import alignax as ax
 from alignax import data
@@ -47,6 +48,21 @@ def _heldout_nll(model, heldout, config):
   return float(-ax.masked_mean(out.logp, mask))
 
 
+def _check_accuracy_against_materialised_logits(model, heldout, config):
+  """``mean_token_accuracy`` (from the kernel's ``target_is_top1``) equals argmax(logits) == target."""
+  batch = {k: jnp.asarray(v) for k, v in
+           next(iter(data.make_batches(heldout, batch_size=16, config=config))).items()}
+  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+  _, metrics = sft_objective(graphdef).loss(params, frozen, batch, jax.random.key(0))
+  logits = model(batch["input_ids"], batch["attention_mask"]).logits
+  targets, mask = ax.next_token_targets(batch["input_ids"], batch["attention_mask"],
+                                        completion_mask=batch["completion_mask"])
+  hits = (jnp.argmax(logits, axis=-1) == targets) & mask
+  expected = float(hits.sum() / mask.sum())
+  assert 0.0 < expected < 1.0, expected  # the trained model gets some tokens right, some wrong
+  np.testing.assert_allclose(float(metrics["mean_token_accuracy"]), expected, rtol=1e-6)
+
+
 def _run(setup, output_dir, mesh, eval_fn=None, **overrides):
   tokenizer, base, data_config, train, _ = setup
   model = ax.from_pretrained(base, mesh=mesh)
@@ -77,6 +93,8 @@ def test_sft_learns_and_writes_a_trl_style_output_dir(setup, tmp_path):
                 eval_fn=lambda model: {"nll": _heldout_nll(model, heldout, data_config)})
   after = _heldout_nll(ax.from_pretrained(str(tmp_path)), heldout, data_config)
   assert after < 0.7 * before, (before, after)
+  _check_accuracy_against_materialised_logits(ax.from_pretrained(str(tmp_path)), heldout,
+                                              data_config)
   names = set(os.listdir(tmp_path))
   assert {"checkpoint-6", "checkpoint-12", "metrics.jsonl", "trainer_state.json",
           "run_config.json", "config.json", "model.safetensors", "tokenizer.json"} <= names
@@ -87,8 +105,9 @@ def test_sft_learns_and_writes_a_trl_style_output_dir(setup, tmp_path):
   lines = [line for line in lines if "loss" in line]
   assert [line["step"] for line in lines] == list(range(1, 13))
   assert {"loss", "grad_norm", "learning_rate", "entropy", "num_tokens",
-          "train_tokens_per_second"} <= set(lines[0])
+          "train_tokens_per_second", "mean_token_accuracy"} <= set(lines[0])
   assert lines[-1]["loss"] < lines[0]["loss"]
+  assert lines[-1]["mean_token_accuracy"] > lines[0]["mean_token_accuracy"]
   assert len(result.history) == 14  # 12 training lines and 2 evaluations
   state = json.load(open(tmp_path / "checkpoint-6" / "trainer_state.json"))
   assert state["global_step"] == 6
@@ -128,3 +147,4 @@ def test_resume_after_a_crash_logs_the_same_losses_bitwise(setup, tmp_path):
   assert losses("resumed") == losses("straight")
   state = json.load(open(tmp_path / "resumed" / "trainer_state.json"))
   assert [h["step"] for h in state["log_history"]] == [1, 2, 3, 4, 5, 6]
+

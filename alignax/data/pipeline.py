@@ -17,14 +17,19 @@ length bucket):
   padding) and ``positions`` (restarting at 0 in every segment).
 - ``preference``: ``input_ids``, ``attention_mask``, ``completion_mask`` ``[2, B, T]``: index 0
   holds the chosen sequences and index 1 the rejected ones, row ``b`` of both from the same pair;
-  ``margin [B]`` (float32) when the data has one. ``x.reshape(2 * B, T)`` is the concatenated
-  chosen-first ``[2B, T]`` layout of TRL's ``concatenated_forward``: one forward runs both.
-  Keeping the pair axis first means the batch axis (axis 1) is the one to shard, so every device
-  and host holds whole pairs and per-host batches concatenate along axis 1 into the global batch.
+  ``margin [B]`` (float32) when the data has one; ``ref_logps [2, B]`` (float32: the reference
+  model's chosen and rejected sequence log-probs) when the dataset carries them
+  (``alignax.train.reference.precompute_reference_logps``). ``x.reshape(2 * B, T)`` is the
+  concatenated chosen-first ``[2B, T]`` layout of TRL's ``concatenated_forward``: one forward
+  runs both. Keeping the pair axis first means the batch axis (axis 1) is the one to shard, so
+  every device and host holds whole pairs and per-host batches concatenate along axis 1 into the
+  global batch.
 - ``unpaired``: ``input_ids``, ``attention_mask``, ``completion_mask`` ``[B, T]``; ``label [B]``
-  (bool); ``kl_input_ids``, ``kl_attention_mask``, ``kl_completion_mask`` ``[B, T]``: row ``i``'s
-  prompt with row ``i - 1``'s completion, for KTO's KL reference point (unused by
-  ``apo_zero_unpaired``).
+  (bool); ``kl_input_ids``, ``kl_attention_mask``, ``kl_completion_mask`` ``[B, T]``: each row's
+  KL row, its prompt with another example's completion, for KTO's KL reference point (unused by
+  ``apo_zero_unpaired``). The pairing is made once over the dataset, before shuffling (see
+  :func:`pair_kl_examples`), so every example owns its KL row wherever it lands. With precomputed
+  reference log-probs, ``ref_logps [B]`` and ``kl_ref_logps [B]`` (float32).
 - ``prompt``: ``input_ids``, ``attention_mask`` ``[B, T]``, **left**-padded so every prompt ends
   at the last column, where generation starts; ``extras``: a dict of lists (the rows' columns,
   ``prompt`` included) for reward functions.
@@ -40,6 +45,10 @@ import numpy as np
 from alignax import _validate
 from alignax.data.config import DataConfig
 from alignax.data.formats import Example, PreparedDataset, truncate
+
+# The axis that indexes rows in a preference batch, per key (0 for the rest): the pair axis leads.
+PREFERENCE_ROW_AXES = {"input_ids": 1, "attention_mask": 1, "completion_mask": 1, "ref_logps": 1}
+
 
 
 def bucket_length(
@@ -100,20 +109,54 @@ def _bucket(config: DataConfig, longest: int, max_length: int | None) -> int:
   )
 
 
+def _prompt_length(example: Example) -> int:
+  """The prompt is the leading tokens outside the completion mask."""
+  mask = example["completion_mask"]
+  return int(np.argmax(mask)) if mask.any() else len(mask)
+
+
+def kl_partners(examples: Sequence[Example]) -> list[int]:
+  """For every example, the index of the example whose completion makes its KL row: the nearest
+  one before it (cyclically, in dataset order) whose prompt differs from its own.
+
+  TRL's ``KTOTrainer`` pairs example ``i`` with example ``i - 1`` within chunks of the batch size;
+  here the whole dataset is one cycle and examples sharing the prompt are skipped, because a
+  paired preference row becomes two adjacent unpaired examples (chosen, rejected) with one prompt,
+  and pairing those would score a completion under its own prompt, not a mismatched one. When all
+  prompts are equal the partner is simply ``i - 1``.
+  """
+  n = len(examples)
+  prompts = [e["input_ids"][: _prompt_length(e)].tobytes() for e in examples]
+  differs = [prompts[i] != prompts[i - 1] for i in range(n)]
+  if not any(differs):
+    return [(i - 1) % n for i in range(n)]
+  # Walk the cycle from a prompt change: the nearest earlier different prompt of example i is
+  # i - 1 if the prompt changes at i, else the same as example i - 1's (they share the prompt).
+  start = differs.index(True)
+  partners = [0] * n
+  for k in range(n):
+    i = (start + k) % n
+    partners[i] = (i - 1) % n if differs[i] else partners[i - 1]
+  return partners
+
+
 def kl_examples(examples: Sequence[Example], *, config: DataConfig) -> list[Example]:
-  """KTO's mismatched pairs: example ``i``'s prompt with example ``i - 1``'s completion (cyclic),
-  the batch-level rotation TRL's ``KTOTrainer`` uses to estimate the KL reference point.
+  """KTO's mismatched pairs: each example's prompt with its :func:`kl_partners` example's
+  completion, for the KL reference point of TRL's ``KTOTrainer``.
 
   The split between prompt and completion is read from the completion mask (the prompt is the
   leading zeros), and the new sequence is truncated to ``max_length`` like any other.
+
+  Returns:
+    One ``{"input_ids", "completion_mask"}`` per example, in the examples' order.
   """
   parts = []
   for e in examples:
-    n_prompt = int(np.argmax(e["completion_mask"])) if e["completion_mask"].any() else 0
+    n_prompt = _prompt_length(e)
     parts.append((e["input_ids"][:n_prompt].tolist(), e["input_ids"][n_prompt:].tolist()))
   out = []
-  for i, (prompt, _) in enumerate(parts):
-    completion = parts[i - 1][1]
+  for (prompt, _), partner in zip(parts, kl_partners(examples)):
+    completion = parts[partner][1]
     ids = prompt + completion
     mask = [0] * len(prompt) + [1] * len(completion)
     ids, mask = truncate(
@@ -125,14 +168,50 @@ def kl_examples(examples: Sequence[Example], *, config: DataConfig) -> list[Exam
   return out
 
 
+def pair_kl_examples(examples: Sequence[Example], *, config: DataConfig) -> list[Example]:
+  """Unpaired examples with their KL rows attached (``kl_input_ids``, ``kl_completion_mask``, from
+  :func:`kl_examples` over the whole sequence in dataset order); a list whose examples all carry
+  them already is returned as it is.
+
+  :func:`make_batches` calls it before shuffling, so the pairing does not depend on the shuffle,
+  the batch size or the number of hosts, and the reference log-probs of the KL rows can be
+  precomputed per example.
+  """
+  if all("kl_input_ids" in e for e in examples):
+    return list(examples)
+  return [
+    {**e, "kl_input_ids": kl["input_ids"], "kl_completion_mask": kl["completion_mask"]}
+    for e, kl in zip(examples, kl_examples(examples, config=config))
+  ]
+
+
+def _float_column(examples: Sequence[Example], key: str, axis: int = 0) -> np.ndarray:
+  """Per-example float values stacked along ``axis`` (every example must carry ``key``)."""
+  missing = [i for i, e in enumerate(examples) if key not in e]
+  if missing:
+    raise ValueError(
+      f"{key!r} is on some examples of the batch but not on rows {missing}; precompute it for "
+      "every example of the dataset"
+    )
+  return np.stack([np.asarray(e[key], np.float32) for e in examples], axis=axis)
+
+
 def collate_sequences(
   examples: Sequence[Example], *, pad_token_id: int, config: DataConfig
 ) -> dict[str, np.ndarray]:
   """SFT / unpaired examples to right-padded ``[B, T]`` arrays. Unpaired (KTO) examples add
-  ``label [B]`` and the mismatched KL rows ``kl_input_ids``, ``kl_attention_mask``,
-  ``kl_completion_mask`` ``[B, T]`` (see :func:`kl_examples`), padded to the same ``T``."""
+  ``label [B]`` and the KL rows ``kl_input_ids``, ``kl_attention_mask``, ``kl_completion_mask``
+  ``[B, T]``, padded to the same ``T``: the examples' own (:func:`pair_kl_examples`), or when they
+  have none, paired among the given examples (:func:`kl_examples`). Precomputed reference
+  log-probs ``ref_logps`` and ``kl_ref_logps`` become ``[B]`` float32 columns."""
   unpaired = "label" in examples[0]
-  kl = kl_examples(examples, config=config) if unpaired else []
+  if unpaired:
+    examples = pair_kl_examples(examples, config=config)
+  kl = (
+    [{"input_ids": e["kl_input_ids"], "completion_mask": e["kl_completion_mask"]} for e in examples]
+    if unpaired
+    else []
+  )
   seqs = [e["input_ids"] for e in [*examples, *kl]]
   length = _bucket(config, max(len(s) for s in seqs), config.max_length)
   batch = {}
@@ -144,13 +223,17 @@ def collate_sequences(
       batch[f"{prefix}completion_mask"] = _pad([e["completion_mask"] for e in group], length, 0)
   if unpaired:
     batch["label"] = np.asarray([e["label"] for e in examples], dtype=np.bool_)
+  for key in ("ref_logps", "kl_ref_logps"):
+    if key in examples[0]:
+      batch[key] = _float_column(examples, key)
   return batch
 
 
 def collate_preference(
   examples: Sequence[Example], *, pad_token_id: int, config: DataConfig
 ) -> dict[str, np.ndarray]:
-  """Preference pairs to ``[2, B, T]`` arrays, chosen at index 0 (``margin [B]`` when present)."""
+  """Preference pairs to ``[2, B, T]`` arrays, chosen at index 0 (``margin [B]`` when present;
+  precomputed ``ref_logps`` ``[2]`` per example become ``ref_logps [2, B]``)."""
   seqs = [e[f"{side}_input_ids"] for side in ("chosen", "rejected") for e in examples]
   masks = [e[f"{side}_completion_mask"] for side in ("chosen", "rejected") for e in examples]
   length = _bucket(config, max(len(s) for s in seqs), config.max_length)
@@ -162,6 +245,8 @@ def collate_preference(
   }
   if "margin" in examples[0]:
     batch["margin"] = np.asarray([e["margin"] for e in examples], dtype=np.float32)
+  if "ref_logps" in examples[0]:
+    batch["ref_logps"] = _float_column(examples, "ref_logps", axis=1)
   return batch
 
 
@@ -275,7 +360,11 @@ def make_batches(
       "padding_buckets='max_length' pads prompts to max_prompt_length, which is not set; set "
       "max_prompt_length or use padding_buckets='pow2'"
     )
-  ds = grain.MapDataset.source(dataset.examples)
+  examples = dataset.examples
+  if dataset.task == "unpaired":
+    # KL rows are paired in dataset order, before the shuffle, so each example keeps its own.
+    examples = pair_kl_examples(examples, config=config)
+  ds = grain.MapDataset.source(examples)
   hosts = host_slice(len(ds), process_index=process_index, process_count=process_count)
   # Every host draws the same order (the same seed; grain reshuffles epoch e with seed + e).
   if config.shuffle:
@@ -322,16 +411,22 @@ def make_batches(
     collate=functools.partial(collate, pad_token_id=dataset.pad_token_id, config=config),
     process_index=process_index,
     process_count=process_count,
+    row_axes=PREFERENCE_ROW_AXES if dataset.task == "preference" else {},
   )
   batches = ds.batch(batch_size * process_count, drop_remainder=drop, batch_fn=batch_fn)
   return _prefetch(batches.to_iter_dataset(), prefetch_batches)
 
 
 def _host_block(
-  examples: Sequence[Example], *, collate, process_index: int, process_count: int
+  examples: Sequence[Example],
+  *,
+  collate,
+  process_index: int,
+  process_count: int,
+  row_axes: dict[str, int],
 ) -> dict[str, Any]:
   """Rows ``[i * n, (i + 1) * n)`` (``n = len(examples) / process_count``) of the collated
-  global batch, for host ``i``."""
+  global batch, for host ``i`` (on each key's row axis)."""
   batch = collate(examples)
   if process_count == 1:
     return batch
@@ -341,10 +436,8 @@ def _host_block(
   for key, value in batch.items():
     if key == "extras":
       out[key] = {name: column[rows] for name, column in value.items()}
-    elif value.ndim == 3:  # preference [2, B, T]: the pair axis stays whole
-      out[key] = value[:, rows]
-    else:
-      out[key] = value[rows]
+    else:  # preference [2, B, ...]: the pair axis stays whole
+      out[key] = value[(slice(None),) * row_axes.get(key, 0) + (rows,)]
   return out
 
 

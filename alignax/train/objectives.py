@@ -12,15 +12,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from alignax import _validate
 from alignax.aggregation import masked_count, masked_mean
+from alignax.data.pipeline import PREFERENCE_ROW_AXES
 from alignax.kernels import token_logprobs
-from alignax.losses.preference import cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from alignax.losses.preference import (cpo_loss, dpo_loss, kto_loss, kto_reference_point, orpo_loss,
+                                       simpo_loss)
 from alignax.losses.reward import bradley_terry_loss
 from alignax.losses.supervised import next_token_targets, sequence_logprobs, sft_loss
 from alignax.train.step import Objective
 
-# Preference batches from alignax.data: [2, B, T] (0 = chosen, 1 = rejected), margin [B].
-PREFERENCE_BATCH_AXES = {"input_ids": 1, "attention_mask": 1, "completion_mask": 1, "margin": 0}
+# Preference batches from alignax.data: [2, B, T] (0 = chosen, 1 = rejected), margin [B], and the
+# precomputed reference log-probs ref_logps [2, B] (alignax.train.reference).
+PREFERENCE_BATCH_AXES = {**PREFERENCE_ROW_AXES, "margin": 0}
+# The batch key that carries precomputed reference log-probs; when present, no reference forward.
+REFERENCE_LOGPS_KEY = "ref_logps"
 
 
 def _pair_count(batch: dict[str, Any]) -> jax.Array:
@@ -50,7 +56,9 @@ def sft_objective(graphdef: nnx.GraphDef, *, loss_agg_mode: str = "token_mean",
                   max_len: int | None = None, impl: str = "auto") -> Objective:
   """Supervised fine-tuning: the NLL of completion tokens (all tokens without a completion mask).
 
-  Metrics (TRL's SFT names): ``entropy`` (token mean), ``mean_token_logprob``. The micro-batch
+  Metrics (TRL's SFT names): ``entropy`` (token mean), ``mean_token_logprob`` and
+  ``mean_token_accuracy`` (the share of loss tokens whose target is the model's top-1 token, from the
+  fused kernel's ``target_is_top1``: no ``[tokens, vocab]`` logits). The micro-batch
   weight is its number of loss tokens (sequences for the per-sequence modes), so accumulated
   micro-batches give the whole batch's loss.
   """
@@ -62,7 +70,8 @@ def sft_objective(graphdef: nnx.GraphDef, *, loss_agg_mode: str = "token_mean",
     out, mask = model_logprobs(model, batch, impl=impl)
     value, _ = sft_loss(out.logp, mask, loss_agg_mode=loss_agg_mode, max_len=max_len)
     metrics = {"entropy": masked_mean(out.entropy, mask),
-               "mean_token_logprob": masked_mean(out.logp, mask)}
+               "mean_token_logprob": masked_mean(out.logp, mask),
+               "mean_token_accuracy": masked_mean(out.target_is_top1.astype(jnp.float32), mask)}
     return value, jax.lax.stop_gradient(metrics)
 
   def weight(batch: dict[str, Any]) -> jax.Array:
@@ -114,6 +123,34 @@ def _pair_logprobs(model: nnx.Module, batch: dict[str, Any], *, impl: str):
   return jax.tree.map(lambda x: x.reshape(two, rows, length), out), mask.reshape(two, rows, length)
 
 
+def _policy_and_reference(graphdef: nnx.GraphDef, reference_graphdef: nnx.GraphDef | None,
+                          params: Any, frozen: Any, *, reference_forward: bool, objective: str):
+  """The policy and, when ``reference_forward``, the model to score the reference log-probs with.
+
+  Without ``reference_graphdef`` the reference is the policy with its LoRA adapters switched off;
+  a policy without adapters has no such view (the "reference" would be the policy itself, every
+  implicit reward 0), which is an error at trace time, where the graph structure is known.
+  """
+  from alignax.models.lora import lora_disabled
+
+  if reference_graphdef is not None:
+    rest, reference_state = frozen
+    policy = nnx.merge(graphdef, params, rest)
+    return policy, nnx.merge(reference_graphdef, reference_state) if reference_forward else None
+  policy = nnx.merge(graphdef, params, frozen)
+  if not reference_forward:
+    return policy, None
+  try:
+    return policy, lora_disabled(policy)
+  except ValueError as e:
+    raise ValueError(
+      f"{objective}: no reference model: the policy has no LoRA adapters, so switching them off "
+      "would leave the policy itself as its reference. Pass a frozen copy (fit(..., "
+      "reference=model)), precompute the reference log-probs into the batches "
+      "(alignax.train.reference.precompute_reference_logps, batch key 'ref_logps'), or train "
+      "with adapters (alignax.apply_lora)") from e
+
+
 def dpo_objective(graphdef: nnx.GraphDef, *, reference_graphdef: nnx.GraphDef | None = None,
                   beta: float = 0.1, loss_type: str | tuple[str, ...] = "sigmoid",
                   loss_weights: tuple[float, ...] | None = None, label_smoothing: float = 0.0,
@@ -121,30 +158,39 @@ def dpo_objective(graphdef: nnx.GraphDef, *, reference_graphdef: nnx.GraphDef | 
                   impl: str = "auto") -> Objective:
   """Direct preference optimisation (``alignax.dpo_loss`` and its loss types) on preference pairs.
 
-  The reference model is, by choice: a frozen copy (``fit(..., reference=model_copy)``, which passes
-  its weights as a step argument and its ``reference_graphdef`` here), the policy with its LoRA
-  adapters switched off (``reference_graphdef=None`` on a LoRA model: ``alignax.lora_disabled``, no
-  second copy of the weights), or none (``reference_free=True``). Chosen and rejected run in one
-  concatenated forward. ``rpo_alpha`` adds α·NLL of the chosen completions (RPO, Pang et al.
-  2024; TRL's ``rpo_alpha``). Metrics: TRL's ``rewards/*``, ``logps/*``, plus ``nll_loss`` with RPO.
-  """
-  from alignax.models.lora import lora_disabled
+  The reference log-probs come, by choice: from a frozen copy (``fit(..., reference=model_copy)``,
+  which passes its weights as a step argument and its ``reference_graphdef`` here), from the policy
+  with its LoRA adapters switched off (``reference_graphdef=None`` on a LoRA model:
+  ``alignax.lora_disabled``, no second copy of the weights), precomputed once over the dataset
+  (a batch with ``ref_logps [2, B]``, from
+  ``alignax.train.reference.precompute_reference_logps``; TRL's ``--precompute_ref_log_probs``:
+  the step then runs no reference forward, whatever the reference settings), or none
+  (``reference_free=True``). Chosen and rejected run in one concatenated forward. ``rpo_alpha``
+  adds α·NLL of the chosen completions (RPO, Pang et al. 2024; TRL's ``rpo_alpha``). Metrics:
+  TRL's ``rewards/*``, ``logps/*``, plus ``nll_loss`` with RPO.
 
+  Raises (when the step is traced):
+    ValueError: no reference: ``reference_graphdef=None``, ``reference_free=False``, a policy
+      without LoRA adapters and no ``ref_logps`` in the batch.
+  """
   loss_types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
 
   def loss(params: Any, frozen: Any, batch: dict[str, Any], key: jax.Array):
     del key
-    if reference_graphdef is None:
-      policy = nnx.merge(graphdef, params, frozen)
-      reference = None if reference_free else lora_disabled(policy)
-    else:
-      rest, reference_state = frozen
-      policy = nnx.merge(graphdef, params, rest)
-      reference = nnx.merge(reference_graphdef, reference_state)
+    precomputed = REFERENCE_LOGPS_KEY in batch and not reference_free
+    policy, reference = _policy_and_reference(
+      graphdef, reference_graphdef, params, frozen,
+      reference_forward=not (reference_free or precomputed), objective="dpo_objective")
     out, mask = _pair_logprobs(policy, batch, impl=impl)
     logps = sequence_logprobs(out.logp, mask)  # [2, B]
     ref_logps = (None, None)
-    if reference is not None:
+    if precomputed:
+      ref = jax.lax.stop_gradient(jnp.asarray(batch[REFERENCE_LOGPS_KEY], jnp.float32))
+      if ref.shape != logps.shape:
+        raise ValueError(f"batch['ref_logps'] has shape {list(ref.shape)}; the preference batch "
+                         f"needs [2, B] = {list(logps.shape)} (chosen, rejected)")
+      ref_logps = (ref[0], ref[1])
+    elif reference is not None:
       ref_out, _ = _pair_logprobs(reference, batch, impl=impl)
       ref = jax.lax.stop_gradient(sequence_logprobs(ref_out.logp, mask))
       ref_logps = (ref[0], ref[1])
@@ -161,6 +207,102 @@ def dpo_objective(graphdef: nnx.GraphDef, *, reference_graphdef: nnx.GraphDef | 
     return value, metrics
 
   return Objective(loss=loss, weight=_pair_count, batch_axes=PREFERENCE_BATCH_AXES)
+
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+def _row_count(batch: dict[str, Any]) -> jax.Array:
+  """The weight of a loss that is a mean over the rows (examples) of a micro-batch."""
+  return jnp.asarray(batch["input_ids"].shape[0], jnp.float32)
+
+
+def kto_objective(graphdef: nnx.GraphDef, *, reference_graphdef: nnx.GraphDef | None = None,
+                  beta: float = 0.1, desirable_weight: float = 1.0,
+                  undesirable_weight: float = 1.0, loss_type: str = "kto",
+                  impl: str = "auto") -> Objective:
+  r"""Kahneman-Tversky optimisation on unpaired examples (``alignax.kto_loss``; Ethayarajh et al.
+  2024, TRL's ``KTOTrainer``).
+
+  With :math:`s = \log\pi(y|x) - \log\pi_\text{ref}(y|x)` summed over completion tokens, a
+  desirable example costs :math:`\lambda_D(1 - \sigma(\beta(s - z_0)))` and an undesirable one
+  :math:`\lambda_U(1 - \sigma(\beta(z_0 - s)))`, averaged over the examples. The reference point
+  :math:`z_0 = \max(0, \overline{\log\pi(y'|x) - \log\pi_\text{ref}(y'|x)})` is the mean over
+  the batch's KL rows (``kl_*``: each example's prompt with another example's completion
+  :math:`y'`, paired at dataset level by ``alignax.data``), without gradient. Completion and KL
+  rows run in ONE forward of the policy (``[2B, T]``) and one of the reference.
+  ``loss_type="apo_zero_unpaired"`` (D'Oosterlinck et al. 2024) fixes :math:`z_0 = 0` and reads
+  no KL row.
+
+  :math:`z_0` is estimated per micro-batch: with gradient accumulation each micro-batch uses its
+  own KL rows (over every device, as TRL gathers its per-device means; TRL too estimates it per
+  accumulation step). The reference is chosen as in :func:`dpo_objective`: a frozen copy
+  (``reference_graphdef``), the LoRA-off view of the policy, or precomputed log-probs (batch keys
+  ``ref_logps [B]`` and, for ``kto``, ``kl_ref_logps [B]``, from
+  ``alignax.train.reference.precompute_reference_logps``), which skip the reference forward.
+
+  Args:
+    graphdef: the policy's graph definition.
+    reference_graphdef: a frozen reference's graph definition (its state rides in ``frozen``).
+    beta: :math:`\beta > 0`.
+    desirable_weight: :math:`\lambda_D \ge 0`.
+    undesirable_weight: :math:`\lambda_U \ge 0`.
+    loss_type: ``kto`` | ``apo_zero_unpaired``.
+    impl: the ``token_logprobs`` implementation.
+
+  Returns:
+    An ``Objective`` on unpaired batches (``input_ids``, ``attention_mask``, ``completion_mask``
+    ``[B, T]``, ``label [B]``, ``kl_*`` ``[B, T]``), weighted by rows. Metrics (TRL's KTO names):
+    ``kl`` (:math:`z_0`), ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+    ``logps/chosen``, ``logps/rejected`` (means over the desirable / undesirable rows of each
+    micro-batch, 0 where there are none) and ``entropy`` (token mean over completion tokens).
+
+  Raises:
+    ValueError: a bad ``loss_type``, ``beta`` or weight; at trace time, no reference (as
+      :func:`dpo_objective`) or precomputed ``ref_logps`` without ``kl_ref_logps`` for ``kto``.
+  """
+  _validate.choice("loss_type", loss_type, KTO_LOSS_TYPES)
+  _validate.positive("beta", beta)
+  _validate.non_negative("desirable_weight", desirable_weight)
+  _validate.non_negative("undesirable_weight", undesirable_weight)
+  use_kl = loss_type == "kto"
+
+  def loss(params: Any, frozen: Any, batch: dict[str, Any], key: jax.Array):
+    del key
+    precomputed = REFERENCE_LOGPS_KEY in batch
+    if precomputed and use_kl and "kl_ref_logps" not in batch:
+      raise ValueError("kto_objective: the batch has precomputed 'ref_logps' but no "
+                       "'kl_ref_logps' for the KL rows (loss_type='kto' needs both; "
+                       "precompute_reference_logps writes both)")
+    policy, reference = _policy_and_reference(
+      graphdef, reference_graphdef, params, frozen, reference_forward=not precomputed,
+      objective="kto_objective")
+    rows = batch["input_ids"].shape[0]
+    sequences = {k: batch[k] for k in _SEQUENCE_KEYS}
+    if use_kl:  # completion rows then KL rows: [2B, T], one forward
+      sequences = {k: jnp.concatenate([v, batch[f"kl_{k}"]]) for k, v in sequences.items()}
+    out, mask = model_logprobs(policy, sequences, impl=impl)
+    logps = sequence_logprobs(out.logp, mask)
+    if precomputed:
+      names = (REFERENCE_LOGPS_KEY, "kl_ref_logps") if use_kl else (REFERENCE_LOGPS_KEY,)
+      for name in names:
+        if batch[name].shape != (rows,):
+          raise ValueError(f"batch[{name!r}] has shape {list(batch[name].shape)}; the unpaired "
+                           f"batch needs [B] = [{rows}]")
+      ref = jnp.concatenate([jnp.asarray(batch[n], jnp.float32) for n in names])
+    else:
+      ref_out, _ = model_logprobs(reference, sequences, impl=impl)
+      ref = sequence_logprobs(ref_out.logp, mask)
+    ref = jax.lax.stop_gradient(ref)
+    reference_point = kto_reference_point(logps[rows:], ref[rows:]) if use_kl else 0.0
+    value, metrics = kto_loss(logps[:rows], ref[:rows], batch["label"],
+                              reference_point=reference_point, beta=beta,
+                              desirable_weight=desirable_weight,
+                              undesirable_weight=undesirable_weight)
+    entropy = masked_mean(out.entropy[:rows], mask[:rows])
+    return value, {**metrics, "entropy": jax.lax.stop_gradient(entropy)}
+
+  return Objective(loss=loss, weight=_row_count)
 
 
 def _reference_free_objective(graphdef: nnx.GraphDef, loss_fn, *, impl: str = "auto",
