@@ -14,6 +14,8 @@ from alignax import _validate
 from alignax.train.logger import resolve_report_to
 from alignax.train.optim import LR_SCHEDULER_TYPES
 
+EVAL_STRATEGIES = ("no", "steps", "epoch")
+
 
 @dataclasses.dataclass
 class TrainingConfig:
@@ -29,7 +31,10 @@ class TrainingConfig:
     logging_steps: log every N steps (TRL: 10).
     save_steps: checkpoint every N steps (and at the end).
     save_total_limit: keep the newest N checkpoints (None: all).
+    eval_strategy: ``no`` | ``steps`` (every ``eval_steps``) | ``epoch`` (once per epoch) on the
+      data's ``dataset_test_split``.
     eval_steps: evaluate every N steps (None: ``logging_steps``'s value, as transformers).
+    per_device_eval_batch_size: rows per data-parallel device per evaluation batch.
     seed: initialisation, shuffling and dropout randomness.
     lr_scheduler_type: ``linear`` | ``cosine`` | ``constant`` | ``constant_with_warmup``.
     warmup_steps, warmup_ratio: linear warmup (steps win when > 0).
@@ -55,7 +60,9 @@ class TrainingConfig:
   logging_steps: int = 10
   save_steps: int = 500
   save_total_limit: int | None = None
+  eval_strategy: str = dataclasses.field(default="no", metadata={"choices": EVAL_STRATEGIES})
   eval_steps: int | None = None
+  per_device_eval_batch_size: int = 8
   seed: int = 42
   lr_scheduler_type: str = "linear"
   warmup_steps: int = 0
@@ -72,7 +79,7 @@ class TrainingConfig:
 
   def __post_init__(self):
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
-                 "save_steps"):
+                 "save_steps", "per_device_eval_batch_size"):
       _validate.positive_int(name, getattr(self, name))
     if self.eval_steps is not None:
       _validate.positive_int("eval_steps", self.eval_steps)
@@ -81,7 +88,306 @@ class TrainingConfig:
     _validate.positive("learning_rate", self.learning_rate)
     _validate.positive("num_train_epochs", self.num_train_epochs)
     _validate.choice("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULER_TYPES)
+    _validate.choice("eval_strategy", self.eval_strategy, EVAL_STRATEGIES)
     resolve_report_to(self.report_to)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+# --- per-algorithm configs: TRL's trainer configs extend TrainingArguments the same way ----------
+
+# alignax.AGG_MODES less the one that needs a fixed length normaliser.
+SFT_LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+
+
+@dataclasses.dataclass
+class SFTConfig(TrainingConfig):
+  """Supervised fine-tuning (TRL's ``SFTConfig``): the NLL of completion tokens.
+
+  Attributes:
+    loss_agg_mode: how token losses reduce (``alignax.sft_loss``): ``token_mean`` (TRL's: one
+      mean over every completion token of the batch), ``seq_mean_token_mean`` or
+      ``seq_mean_token_sum``.
+  """
+
+  learning_rate: float = 2e-5
+  loss_agg_mode: str = dataclasses.field(default="token_mean",
+                                         metadata={"choices": SFT_LOSS_AGG_MODES})
+
+  def __post_init__(self):
+    super().__post_init__()
+    _validate.choice("loss_agg_mode", self.loss_agg_mode, SFT_LOSS_AGG_MODES)
+
+
+@dataclasses.dataclass
+class RewardConfig(TrainingConfig):
+  """A Bradley-Terry reward model (TRL's ``RewardConfig``).
+
+  Attributes:
+    center_rewards_coefficient: weight of ``mean((r_c + r_r)^2)`` that keeps rewards centred
+      (Eisenstein et al. 2023; TRL recommends 0.01); None disables it.
+  """
+
+  learning_rate: float = 1e-4
+  center_rewards_coefficient: float | None = None
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.center_rewards_coefficient is not None:
+      _validate.non_negative("center_rewards_coefficient", self.center_rewards_coefficient)
+
+
+@dataclasses.dataclass
+class DPOConfig(TrainingConfig):
+  """Direct preference optimisation (TRL's ``DPOConfig``; Rafailov et al. 2023).
+
+  Attributes:
+    beta: the KL coefficient β.
+    loss_type: one or more of ``alignax.DPO_LOSS_TYPES`` (a list sums them, weighted by
+      ``loss_weights``).
+    loss_weights: one weight per loss type (None: all 1).
+    label_smoothing: ε of the cDPO / robust / exo losses.
+    rpo_alpha: weight of the chosen completions' NLL (RPO, Pang et al. 2024); None disables it.
+    reference_free: compare against a uniform reference (no reference model).
+    precompute_ref_log_probs: score the training set with the reference once before training, so
+      no reference forward runs in the step.
+  """
+
+  learning_rate: float = 1e-6
+  beta: float = 0.1
+  loss_type: list[str] | str = dataclasses.field(default_factory=lambda: ["sigmoid"])
+  loss_weights: list[float] | None = None
+  label_smoothing: float = 0.0
+  rpo_alpha: float | None = None
+  reference_free: bool = False
+  precompute_ref_log_probs: bool = False
+
+  def __post_init__(self):
+    super().__post_init__()
+    from alignax.losses.preference import DPO_LOSS_TYPES
+
+    self.loss_type = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+    if not self.loss_type:
+      raise ValueError("loss_type must name at least one loss")
+    for name in self.loss_type:
+      _validate.choice("loss_type", name, DPO_LOSS_TYPES)
+    if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+      raise ValueError(f"loss_weights has {len(self.loss_weights)} weights for "
+                       f"{len(self.loss_type)} loss types {self.loss_type}")
+    _validate.non_negative("label_smoothing", self.label_smoothing)
+    if self.rpo_alpha is not None:
+      _validate.non_negative("rpo_alpha", self.rpo_alpha)
+    _validate.positive("beta", self.beta)
+    if self.reference_free and self.precompute_ref_log_probs:
+      raise ValueError("reference_free=True has no reference to precompute; drop "
+                       "precompute_ref_log_probs")
+
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+@dataclasses.dataclass
+class KTOConfig(TrainingConfig):
+  """Kahneman-Tversky optimisation on unpaired, labelled completions (TRL's ``KTOConfig``;
+  Ethayarajh et al. 2024).
+
+  Attributes:
+    beta: the KL coefficient β.
+    loss_type: ``kto`` | ``apo_zero_unpaired``.
+    desirable_weight, undesirable_weight: weights of the desirable / undesirable losses.
+    precompute_ref_log_probs: score the training set with the reference once before training.
+  """
+
+  learning_rate: float = 1e-6
+  beta: float = 0.1
+  loss_type: str = dataclasses.field(default="kto", metadata={"choices": KTO_LOSS_TYPES})
+  desirable_weight: float = 1.0
+  undesirable_weight: float = 1.0
+  precompute_ref_log_probs: bool = False
+
+  def __post_init__(self):
+    super().__post_init__()
+    _validate.positive("beta", self.beta)
+    _validate.choice("loss_type", self.loss_type, KTO_LOSS_TYPES)
+    _validate.non_negative("desirable_weight", self.desirable_weight)
+    _validate.non_negative("undesirable_weight", self.undesirable_weight)
+
+
+@dataclasses.dataclass
+class ORPOConfig(TrainingConfig):
+  """Odds-ratio preference optimisation, no reference model (TRL's ``ORPOConfig``; Hong et al.
+  2024).
+
+  Attributes:
+    beta: λ, the weight of the odds-ratio term (TRL's name).
+  """
+
+  learning_rate: float = 1e-6
+  beta: float = 0.1
+
+  def __post_init__(self):
+    super().__post_init__()
+    _validate.positive("beta", self.beta)
+
+
+@dataclasses.dataclass
+class SimPOConfig(TrainingConfig):
+  """SimPO, length-normalised rewards with a target margin, no reference model (Meng et al.
+  2024; the SimPO authors' names).
+
+  Attributes:
+    beta: the reward scale β.
+    gamma_beta_ratio: the target margin γ over β.
+    label_smoothing: ε of the cDPO-smoothed sigmoid loss.
+    loss_type: ``sigmoid`` | ``hinge``.
+  """
+
+  learning_rate: float = 1e-6
+  beta: float = 2.0
+  gamma_beta_ratio: float = 0.25
+  label_smoothing: float = 0.0
+  loss_type: str = dataclasses.field(default="sigmoid", metadata={"choices": ("sigmoid", "hinge")})
+
+  def __post_init__(self):
+    super().__post_init__()
+    _validate.positive("beta", self.beta)
+    _validate.choice("loss_type", self.loss_type, ("sigmoid", "hinge"))
+    _validate.non_negative("gamma_beta_ratio", self.gamma_beta_ratio)
+    _validate.non_negative("label_smoothing", self.label_smoothing)
+
+
+@dataclasses.dataclass
+class CPOConfig(TrainingConfig):
+  """Contrastive preference optimisation: reference-free DPO plus α·NLL of the chosen completions
+  (TRL's ``CPOConfig``; Xu et al. 2024).
+
+  Attributes:
+    beta: the KL coefficient β.
+    loss_type: ``sigmoid`` | ``hinge`` | ``ipo``.
+    label_smoothing: ε of the cDPO-smoothed sigmoid loss.
+    cpo_alpha: weight of the NLL term.
+  """
+
+  learning_rate: float = 1e-6
+  beta: float = 0.1
+  loss_type: str = dataclasses.field(default="sigmoid",
+                                     metadata={"choices": ("sigmoid", "hinge", "ipo")})
+  label_smoothing: float = 0.0
+  cpo_alpha: float = 1.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    _validate.positive("beta", self.beta)
+    _validate.choice("loss_type", self.loss_type, ("sigmoid", "hinge", "ipo"))
+    _validate.non_negative("label_smoothing", self.label_smoothing)
+    _validate.non_negative("cpo_alpha", self.cpo_alpha)
+
+
+# --- the model and the devices -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ModelConfig:
+  """Which checkpoint to train and how to run it (TRL's ``ModelConfig`` names where TRL has one).
+
+  Attributes:
+    model_name_or_path: a Hugging Face checkpoint directory or hub id.
+    ref_model_name_or_path: the DPO/KTO reference (default: the policy's checkpoint).
+    tokenizer_name_or_path: where the tokenizer is (default: ``model_name_or_path``).
+    model_revision: hub branch, tag or commit.
+    dtype: compute dtype (``float32``, ``bfloat16``, ...); parameters and optimizer state stay fp32.
+    bf16: TRL's flag: compute in bfloat16 (same as ``dtype=bfloat16``).
+    attention_impl: the attention kernel (``alignax.attention``'s ``impl``).
+    remat: rematerialisation policy (``full``, ``dots``, ``dots_with_no_batch_dims``).
+    gradient_checkpointing: TRL's flag: ``remat="full"`` when ``remat`` is unset.
+    use_peft: train LoRA adapters instead of the full model.
+    lora_r, lora_alpha: the adapters' rank and α (scale α/r).
+    lora_dropout: dropout on the adapters' input; only 0 is supported by the training step.
+    lora_target_modules: projection names to adapt (None: every Llama-style projection).
+    use_rslora: the rank-stabilised scale α/√r.
+    merge_adapters: also write the merged model (base + adapters) to ``output_dir/merged``.
+  """
+
+  model_name_or_path: str | None = None
+  ref_model_name_or_path: str | None = None
+  tokenizer_name_or_path: str | None = None
+  model_revision: str | None = None
+  dtype: str = "float32"
+  bf16: bool = False
+  attention_impl: str = "auto"
+  remat: str | None = None
+  gradient_checkpointing: bool = False
+  use_peft: bool = False
+  lora_r: int = 16
+  lora_alpha: float = 32.0
+  lora_dropout: float = 0.0
+  lora_target_modules: list[str] | None = None
+  use_rslora: bool = False
+  merge_adapters: bool = False
+
+  def __post_init__(self):
+    from alignax.models.decoder import REMAT_POLICIES
+    from alignax.models.hub import parse_dtype
+
+    parse_dtype(self.dtype, name="dtype")
+    if self.bf16 and str(parse_dtype(self.dtype, name="dtype")) not in ("float32", "bfloat16"):
+      raise ValueError(f"bf16=True conflicts with dtype={self.dtype!r}")
+    if self.remat is not None:
+      _validate.choice("remat", self.remat, REMAT_POLICIES)
+    _validate.positive_int("lora_r", self.lora_r)
+    _validate.positive("lora_alpha", self.lora_alpha)
+    if self.lora_dropout != 0:
+      raise ValueError(f"lora_dropout={self.lora_dropout}: the training step runs the model "
+                       "without dropout randomness, so only lora_dropout=0 is supported")
+    if self.merge_adapters and not self.use_peft:
+      raise ValueError("merge_adapters=True needs use_peft=True (there are no adapters to merge)")
+
+  @property
+  def compute_dtype(self) -> str:
+    return "bfloat16" if self.bf16 else self.dtype
+
+  @property
+  def remat_policy(self) -> str | None:
+    return self.remat or ("full" if self.gradient_checkpointing else None)
+
+
+@dataclasses.dataclass
+class MeshConfig:
+  """The device mesh and, for multi-host runs, the JAX distributed service.
+
+  Attributes:
+    mesh_data, mesh_fsdp, mesh_tensor: axis sizes of ``alignax.make_mesh`` (one may be -1: the
+      remaining devices).
+    coordinator_address: ``host:port`` of process 0 (None: JAX's environment variables, or a
+      single process).
+    num_processes: processes in the run.
+    process_id: this process's index.
+  """
+
+  mesh_data: int = 1
+  mesh_fsdp: int = -1
+  mesh_tensor: int = 1
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+
+  def __post_init__(self):
+    sizes = {"mesh_data": self.mesh_data, "mesh_fsdp": self.mesh_fsdp,
+             "mesh_tensor": self.mesh_tensor}
+    for name, size in sizes.items():
+      if size != -1:
+        _validate.positive_int(name, size)
+    if list(sizes.values()).count(-1) > 1:
+      raise ValueError(f"only one of {list(sizes)} may be -1, got {sizes}")
+    if self.num_processes is not None:
+      _validate.positive_int("num_processes", self.num_processes)
+    if self.process_id is not None and (self.process_id < 0 or (
+        self.num_processes is not None and self.process_id >= self.num_processes)):
+      raise ValueError(f"process_id={self.process_id} must lie in [0, num_processes="
+                       f"{self.num_processes})")
+
+  def make_mesh(self) -> Any:
+    from alignax.sharding import make_mesh
+
+    return make_mesh(data=self.mesh_data, fsdp=self.mesh_fsdp, tensor=self.mesh_tensor)

@@ -137,6 +137,23 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
   return step
 
 
+def make_eval_step(objective: Objective
+                   ) -> Callable[[Any, Any, Any], tuple[jax.Array, Metrics, jax.Array]]:
+  """Builds ``eval_step(params, frozen, batch) -> (loss, metrics, weight)`` for one batch (no
+  gradient, no state change).
+
+  Averaging ``loss`` and ``metrics`` over batches with ``weight`` (the objective's count: loss
+  tokens, pairs) gives their value on the whole evaluation set, as accumulation does in training.
+  The objectives draw no randomness, so a fixed key stands in for the step's.
+  """
+
+  def eval_step(params: Any, frozen: Any, batch: Any) -> tuple[jax.Array, Metrics, jax.Array]:
+    loss, metrics = objective.loss(params, frozen, batch, jax.random.key(0))
+    return loss, metrics, objective.weight(batch).astype(jnp.float32)
+
+  return eval_step
+
+
 class NonFiniteError(FloatingPointError):
   """A loss or gradient became NaN/Inf; the run stops and its last good checkpoint stays."""
 

@@ -1,0 +1,152 @@
+"""The trainers' Python API (`alignax.train.sft`, ..., `run`): precomputed reference log-probs
+train exactly as the on-the-fly reference, the LoRA export (PEFT adapter at the root, merged weights
+that transformers runs as the trained model), and the evaluator's whole-set averages."""
+
+import dataclasses
+import functools
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import alignax as ax
+from alignax import data, train
+from alignax.sharding import make_mesh
+from alignax.train.objectives import model_logprobs, sft_objective
+from train_factories import tiny_tokenizer_and_llama
+
+WORDS = ["one", "two", "three", "four", "five", "six", "seven"]
+
+
+def _pairs(n):
+  return [{"prompt": f"count from {WORDS[i % 3]}:",
+           "chosen": " " + " ".join(WORDS[i % 3:i % 3 + 3 + i % 2]),
+           "rejected": " " + " ".join(reversed(WORDS[i % 3:i % 3 + 3]))} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("trainers")
+  tokenizer, base = tiny_tokenizer_and_llama(root)
+  tokenizer.save_pretrained(base)
+  return root, tokenizer, base
+
+
+def _options(out, **overrides):
+  return dict(output_dir=str(out), per_device_train_batch_size=1, max_steps=2, logging_steps=1,
+              save_steps=100, disable_tqdm=True, learning_rate=1e-2, seed=0, **overrides)
+
+
+def test_trainers_are_importable_from_alignax_train():
+  for name in ("sft", "reward", "dpo", "kto", "orpo", "simpo", "cpo"):
+    assert callable(getattr(train, name)) and getattr(train, name).__name__ == name
+  assert train.DPOConfig(output_dir="o").learning_rate == 1e-6  # TRL's defaults per algorithm
+  assert train.SFTConfig(output_dir="o").learning_rate == 2e-5
+  assert train.RewardConfig(output_dir="o").learning_rate == 1e-4
+  assert train.DPOConfig(output_dir="o", loss_type="ipo").loss_type == ["ipo"]
+
+
+def test_wrong_config_or_unsupported_option_is_named(setup):
+  _, _, base = setup
+  model = train.ModelConfig(model_name_or_path=base)
+  with pytest.raises(ValueError, match="dpo takes a DPOConfig, got SFTConfig"):
+    train.dpo(train.SFTConfig(output_dir="o"), model=model, data=data.DataConfig())
+  with pytest.raises(ValueError, match="use_peft=True is not supported for the reward model"):
+    train.reward(train.RewardConfig(output_dir="o"),
+                 model=train.ModelConfig(model_name_or_path=base, use_peft=True),
+                 data=data.DataConfig())
+  with pytest.raises(ValueError, match="merge_adapters=True needs use_peft=True"):
+    train.ModelConfig(model_name_or_path=base, merge_adapters=True)
+  with pytest.raises(ValueError, match="loss_weights has 1 weights for 2 loss types"):
+    train.DPOConfig(output_dir="o", loss_type=["sigmoid", "ipo"], loss_weights=[1.0])
+
+
+def test_lora_run_with_precomputed_reference_trains_as_on_the_fly_and_exports_merged_weights(
+    setup, tmp_path):
+  import torch
+  import transformers
+
+  root, tokenizer, base = setup
+  config = data.DataConfig(max_length=32, seed=0)
+  prepared = data.prepare_dataset(data.load_rows(_pairs(16)), tokenizer, task="preference",
+                                  config=config)
+
+  def run(out, precompute, merge):
+    model = train.ModelConfig(model_name_or_path=base, use_peft=True, lora_r=4, lora_alpha=8.0,
+                              merge_adapters=merge)
+    return train.dpo(train.DPOConfig(**_options(out), precompute_ref_log_probs=precompute),
+                     model=model, data=config, train_dataset=prepared, mesh=make_mesh(fsdp=8))
+
+  # The reference is the adapters-off view: scored in the step, or once before training.
+  on_the_fly = run(tmp_path / "view", precompute=False, merge=False)
+  result = run(tmp_path / "precomputed", precompute=True, merge=True)
+  lines = [[h for h in r.history if "loss" in h] for r in (on_the_fly, result)]
+  for name in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+    np.testing.assert_allclose([h[name] for h in lines[1]], [h[name] for h in lines[0]],
+                               rtol=1e-4, atol=1e-5, err_msg=name)
+  assert lines[0][1]["rewards/margins"] != 0  # step 2 compares two different models
+
+  out = tmp_path / "precomputed"
+  ids = np.asarray([[3, 7, 11, 5, 9, 2]], np.int32)
+  trained = np.asarray(result.model(ids, np.ones_like(ids)).logits)
+  base_logits = np.asarray(ax.from_pretrained(base)(ids, np.ones_like(ids)).logits)
+  assert np.abs(trained - base_logits).max() > 1e-4  # the adapters moved
+  # --merge_adapters: output_dir/merged is the trained model, as transformers runs it.
+  merged = out / "merged"
+  hf = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+  with torch.no_grad():
+    theirs = hf(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(theirs, trained, atol=2e-5, rtol=2e-5)
+  assert "tokenizer.json" in os.listdir(merged)
+  # The adapter at the root, loaded back onto the base model, is the trained model too.
+  reloaded = ax.from_pretrained(base)
+  ax.load_lora(reloaded, out, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(np.asarray(reloaded(ids, np.ones_like(ids)).logits), trained,
+                             atol=2e-5, rtol=2e-5)
+  assert json.load(open(out / "adapter_config.json"))["base_model_name_or_path"] == (
+    os.path.abspath(base))
+
+
+def test_evaluator_averages_over_the_whole_set(setup):
+  _, tokenizer, base = setup
+  config = data.DataConfig(max_length=32, seed=0)
+  rows = [{"prompt": f"count from {WORDS[i % 4]}:", "completion": " " + " ".join(WORDS[:1 + i % 5])}
+          for i in range(21)]
+  prepared = data.prepare_dataset(data.load_rows(rows), tokenizer, task="sft", config=config)
+  mesh = make_mesh(fsdp=8)
+  model = ax.from_pretrained(base, mesh=mesh)
+  evaluate = train.make_evaluator(functools.partial(sft_objective), prepared, data=config,
+                                  batch_size=1, mesh=mesh)
+  metrics = evaluate(model)  # 16 of the 21 examples (a multiple of 8 devices), in batches of 8
+  whole = data.make_batches(dataclasses.replace(prepared, examples=prepared.examples[:16]),
+                            batch_size=16, config=data.DataConfig(max_length=32, shuffle=False),
+                            num_epochs=1)
+  batch = {k: jnp.asarray(v) for k, v in next(iter(whole)).items()}
+  out, mask = model_logprobs(ax.from_pretrained(base), batch)
+  np.testing.assert_allclose(metrics["loss"], float(-ax.masked_mean(out.logp, mask)), rtol=1e-5)
+  np.testing.assert_allclose(metrics["entropy"], float(ax.masked_mean(out.entropy, mask)),
+                             rtol=1e-5)
+  # The token-weighted average differs from the mean of the two batches' means.
+  halves = [float(-ax.masked_mean(out.logp[s], mask[s])) for s in (slice(0, 8), slice(8, 16))]
+  assert abs(np.mean(halves) - metrics["loss"]) > 1e-6
+
+
+def test_skipped_rows_are_counted_in_the_log(setup, tmp_path, caplog):
+  from alignax.train import trainers
+
+  _, tokenizer, _ = setup
+  rows = _pairs(6)
+  rows[2] = {"prompt": "count:", "chosen": " one"}  # no rejected answer
+  rows[4] = {**rows[4], "chosen": ""}  # an empty completion
+  os.makedirs(tmp_path / "data")
+  with open(tmp_path / "data" / "train.jsonl", "w") as f:
+    f.writelines(json.dumps(row) + "\n" for row in rows)
+  config = data.DataConfig(dataset_name=str(tmp_path / "data"), max_length=32, skip_invalid=True)
+  with caplog.at_level("INFO", logger="alignax.train"):
+    prepared = trainers._load_data(config, tokenizer, task="preference", split="train")
+  assert len(prepared) == 4
+  assert f"{tmp_path / 'data'}[train]: 4 examples from 6 rows" in caplog.text
+  assert "skipped 2 invalid rows (empty: 1, missing_field: 1)" in caplog.text
