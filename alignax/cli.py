@@ -45,7 +45,13 @@ commands:
   simpo    SimPO (preference data, no reference)
   cpo      contrastive preference optimisation (preference data, no reference)
 
+other commands:
+  run      an experiment module: alignax run experiments/NAME.py [--set k=v] [--sweep k=a,b] [--seeds N]
+
 `alignax COMMAND --help` lists the command's flags."""
+
+# Commands that are not trainers: their module's ``main(argv)`` parses its own flags.
+TOOLS = {"run": "alignax.experiment"}
 
 
 class UsageError(Exception):
@@ -231,10 +237,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(USAGE, file=sys.stdout if argv else sys.stderr)
     return 0 if argv else 2
   command, rest = argv[0], argv[1:]
+  if command in TOOLS:
+    import importlib
+
+    return importlib.import_module(TOOLS[command]).main(rest)
   if command not in ALGORITHMS:
-    close = difflib.get_close_matches(command, list(ALGORITHMS), n=1)
+    choices = [*ALGORITHMS, *TOOLS]
+    close = difflib.get_close_matches(command, choices, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    _say(None, f"unknown command {command!r}{hint}; choose one of {', '.join(ALGORITHMS)}")
+    _say(None, f"unknown command {command!r}{hint}; choose one of {', '.join(choices)}")
     return 2
   try:
     config, model, data, mesh = parse(command, rest)

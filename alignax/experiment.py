@@ -543,6 +543,17 @@ def _config_json(config: Any) -> dict[str, Any]:
   return plain(dataclasses.asdict(config))
 
 
+def _check_config_json(config: Any) -> None:
+  """Raises ExperimentError naming a field that results.json (strict JSON) cannot hold, such as
+  ``inf`` or ``nan``, before anything is measured rather than after the whole run."""
+  for name, value in _config_json(config).items():
+    try:
+      json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as e:
+      raise ExperimentError(f"{_config_name(type(config))}.{name}={value!r} cannot be written to "
+                            f"results.json ({e})") from None
+
+
 def _plot(module: types.ModuleType, config: Any, measured: Mapping[str, np.ndarray],
           out_dir: str) -> None:
   plot = getattr(module, "plot", None)
@@ -603,6 +614,8 @@ def run_experiment(module: types.ModuleType, *, overrides: Mapping[str, Any] | N
       raise ExperimentError(f"sweep: no values for {key!r}")
   points = _sweep_points(sweep) if sweep else [{}]
   configs = [make_config(module.Config, {**(overrides or {}), **point}) for point in points]
+  for config in configs:
+    _check_config_json(config)
   logger.info("%s: %d point(s) x %d seed(s)%s", experiment_name(module), len(points), len(seeds),
               " (vmapped)" if vmap and hasattr(module, "make_train") else "")
   measured_points = measure_points(module, base, points, seeds, vmap=vmap)

@@ -39,6 +39,16 @@ Datasets (pairs are (winner, loser), each drawn uniformly):
 The τ values of the paper's figures are not in its text; we use 0.1, 0.5 and 1. The IPO values are
 the analytic optima derived above, not numbers printed in the paper.
 
+Criteria, one per (dataset, τ, method, probability), each with a tolerance of at most half the
+distance between the two methods' predictions (:func:`separating_tolerance`), so the other method's
+limit can never pass it: DPO's preferred probabilities within 0.01 of 1 and the never-winning
+action's within 1e-3 of 0, on every seed; IPO's two-action probability within 1e-3 of
+:math:`\sigma(1/(2\tau))` on every seed (one pair: no mini-batch noise); IPO's D1 and D3'
+probabilities within 0.01 of the optimum on the mean over seeds. The cap binds at τ = 0.1, where
+IPO's optimum is itself near DPO's limit: :math:`\sigma(5)` = 0.9933 on D2 (a flat 0.01 would let
+IPO pass DPO's criterion), :math:`\pi^*(y_c)` = 0.0012 on D1 and 0.0034 on D3' (a flat 0.01 would
+let DPO's :math:`\pi(y_c) \approx 0` pass IPO's).
+
 Run: ``alignax run experiments/ipo_vs_dpo_bandit.py [--seeds 10] [--set taus=0.1,1]
 [--sweep lr=0.005,0.01]`` (``lr`` sweeps inside the same compiled program), or
 ``python -m experiments.ipo_vs_dpo_bandit`` with the same flags.
@@ -111,6 +121,12 @@ def ipo_optimum_d2(tau: float) -> float:
 def ipo_optimum_d3_yc(tau: float) -> float:
   """IPO's π(yc) on D3': θa = θb, θa − θc = 1/(2τ)."""
   return 1 / (1 + 2 * math.exp(1 / (2 * tau)))
+
+
+def separating_tolerance(paper_value: float, other_value: float, *, cap: float) -> float:
+  """``cap``, or half the distance to what the other method predicts where that is smaller, so a
+  criterion cannot be passed by the other method's limit."""
+  return min(cap, abs(paper_value - other_value) / 2)
 
 
 def _pair_arrays():
@@ -186,24 +202,32 @@ def criteria(config: Config, measured: dict[str, np.ndarray]) -> list[dict]:
   out = []
   for t, tau in enumerate(config.taus):
     tag = f"tau={tau:g}"
-    out.append(experiment.criterion(f"D1 {tag} DPO pi(ya)", paper_value=1.0,
-                                    values=dpo[:, d1, t, 0], tolerance=0.01))
-    for a, (action, optimum) in enumerate(zip(ACTIONS, ipo_optimum_d1(tau))):
-      out.append(experiment.criterion(f"D1 {tag} IPO pi({action})", paper_value=float(optimum),
-                                      values=ipo[:, d1, t, a], tolerance=0.01, statistic="mean"))
+    d1_optimum, d2_optimum = ipo_optimum_d1(tau), ipo_optimum_d2(tau)
+    d3_optimum = ipo_optimum_d3_yc(tau)
+    out.append(experiment.criterion(
+        f"D1 {tag} DPO pi(ya)", paper_value=1.0, values=dpo[:, d1, t, 0],
+        tolerance=separating_tolerance(1.0, d1_optimum[0], cap=0.01)))
+    for a, (action, optimum) in enumerate(zip(ACTIONS, d1_optimum)):
+      greedy = 1.0 if a == 0 else 0.0  # DPO's limit
+      out.append(experiment.criterion(
+          f"D1 {tag} IPO pi({action})", paper_value=float(optimum), values=ipo[:, d1, t, a],
+          tolerance=separating_tolerance(float(optimum), greedy, cap=0.01), statistic="mean"))
 
     def pair_probability(policy):
       return policy[:, d2, t, 0] / (policy[:, d2, t, 0] + policy[:, d2, t, 1])
 
-    out.append(experiment.criterion(f"D2 {tag} DPO pi(ya|ya,yb)", paper_value=1.0,
-                                    values=pair_probability(dpo), tolerance=0.01))
-    out.append(experiment.criterion(f"D2 {tag} IPO pi(ya|ya,yb) = sigmoid(1/(2tau))",
-                                    paper_value=ipo_optimum_d2(tau), values=pair_probability(ipo),
-                                    tolerance=1e-3))
-    out.append(experiment.criterion(f"D3' {tag} DPO pi(yc)", paper_value=0.0,
-                                    values=dpo[:, d3, t, 2], tolerance=1e-3))
-    out.append(experiment.criterion(f"D3' {tag} IPO pi(yc)", paper_value=ipo_optimum_d3_yc(tau),
-                                    values=ipo[:, d3, t, 2], tolerance=0.01, statistic="mean"))
+    out.append(experiment.criterion(
+        f"D2 {tag} DPO pi(ya|ya,yb)", paper_value=1.0, values=pair_probability(dpo),
+        tolerance=separating_tolerance(1.0, d2_optimum, cap=0.01)))
+    out.append(experiment.criterion(
+        f"D2 {tag} IPO pi(ya|ya,yb) = sigmoid(1/(2tau))", paper_value=d2_optimum,
+        values=pair_probability(ipo), tolerance=separating_tolerance(d2_optimum, 1.0, cap=1e-3)))
+    out.append(experiment.criterion(
+        f"D3' {tag} DPO pi(yc)", paper_value=0.0, values=dpo[:, d3, t, 2],
+        tolerance=separating_tolerance(0.0, d3_optimum, cap=1e-3)))
+    out.append(experiment.criterion(
+        f"D3' {tag} IPO pi(yc)", paper_value=d3_optimum, values=ipo[:, d3, t, 2],
+        tolerance=separating_tolerance(d3_optimum, 0.0, cap=0.01), statistic="mean"))
   return out
 
 

@@ -143,6 +143,19 @@ def test_main_exit_codes_and_named_errors(toy, tmp_path, capsys):
   assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_config_results_json_cannot_hold_is_rejected_before_measuring(toy, tmp_path, capsys):
+  # `--set limit=inf` used to run every seed, then crash in json.dump(allow_nan=False).
+  calls = []
+  run = toy.run
+  toy.run = lambda config: calls.append(config) or run(config)
+  out = str(tmp_path / "inf")
+  assert experiment.main(["--set", "limit=inf", "--output_dir", out], module=toy) == 2
+  assert "ToyConfig.limit=inf cannot be written to results.json" in capsys.readouterr().err
+  with pytest.raises(experiment.ExperimentError, match="limit=nan"):
+    experiment.run_experiment(toy, sweep={"limit": [1.0, float("nan")]})
+  assert not calls and not (tmp_path / "inf").exists()
+
+
 def test_load_experiment_from_a_path_and_a_module_name():
   by_path = experiment.load_experiment("experiments/kl_estimators.py")
   assert by_path.PAPER == kl_estimators.PAPER and dataclasses.is_dataclass(by_path.Config)
@@ -366,6 +379,18 @@ def test_bandit_reproduces_the_claim_and_writes_valid_results(bandit_run):
   assert ipo_ya[0] > 0.95 and ipo_ya[2] < 0.46 and ipo_ya == sorted(ipo_ya, reverse=True)
   saved = np.load(out / "measurements.npz")
   assert saved["ipo_curve"].shape == (10, 3, 3, SMOKE["curve_points"], 3)
+
+
+def test_bandit_criteria_fail_when_dpo_and_ipo_trade_places(bandit_run):
+  """The criteria are live: the same run with DPO's and IPO's measurements swapped fails every
+  criterion, at every tau. With a flat 0.01 tolerance three passed at tau = 0.1, where IPO's
+  optimum is near DPO's limit (D2: sigmoid(5) = 0.9933; pi*(yc) = 0.0012 on D1, 0.0034 on D3')."""
+  _, out = bandit_run
+  measured = dict(np.load(out / "measurements.npz"))
+  swapped = {**measured, "dpo_policy": measured["ipo_policy"], "ipo_policy": measured["dpo_policy"]}
+  criteria = bandit.criteria(bandit.Config(**SMOKE), swapped)
+  assert len(criteria) == 8 * 3
+  assert [c["name"] for c in criteria if c["passed"]] == []
 
 
 def _ipo_population_loss(theta, tau, pairs):

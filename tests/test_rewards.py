@@ -230,6 +230,56 @@ def test_a_hung_async_function_is_cancelled_at_the_timeout():
   np.testing.assert_array_equal(out.rewards, [0.0] * 4)
 
 
+@pytest.mark.filterwarnings("ignore::alignax.rewards.AllRewardsNoneWarning")
+@pytest.mark.parametrize("on_timeout", ["error", "none"])
+def test_an_async_function_that_blocks_the_loop_is_timed_out(on_timeout):
+  # A synchronous wait inside `async def` blocks the loop, so asyncio cannot cancel it; the runner
+  # used to wait for the gather forever. Run in a thread so that a hang fails instead of hanging.
+  release = threading.Event()
+  calls = []
+
+  async def blocking(completions, **kwargs):
+    calls.append(len(calls))
+    if len(calls) == 1:
+      release.wait()  # a synchronous client call inside `async def`, on the first call only
+    return [1.0] * len(completions)
+
+  async def polite(completions, **kwargs):
+    await asyncio.sleep(0)
+    return [0.5] * len(completions)
+
+  runner = RewardRunner([blocking, polite], timeout=0.2, on_timeout=on_timeout)
+  box = {}
+
+  def score():
+    try:
+      box["out"] = runner(PROMPTS, COMPLETIONS, num_generations=2)
+    except RewardTimeoutError as e:
+      box["error"] = e
+
+  try:
+    worker = threading.Thread(target=score, daemon=True)
+    started = time.monotonic()
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "the runner waited on a blocked event loop"
+    assert time.monotonic() - started < 10
+    if on_timeout == "error":
+      message = str(box["error"])
+      assert "['blocking', 'polite']" in message and "event loop stayed blocked" in message
+    else:
+      out = box["out"]
+      assert np.isnan(out.per_source).all()
+      assert out.metrics["rewards/blocking/timeouts"] == 1.0
+      assert out.metrics["rewards/polite/timeouts"] == 1.0
+    # The next batch runs on a fresh loop while the old one is still blocked.
+    out = runner(PROMPTS, COMPLETIONS, num_generations=2)
+    np.testing.assert_array_equal(out.rewards, [1.5] * 4)
+  finally:
+    release.set()
+    runner.close()
+
+
 def test_a_timeout_error_raised_by_the_function_is_its_own_error():
   async def client(completions, **kwargs):
     raise TimeoutError("upstream judge timed out")
@@ -238,6 +288,91 @@ def test_a_timeout_error_raised_by_the_function_is_its_own_error():
     rewards.compute_rewards([client], PROMPTS, COMPLETIONS, num_generations=2, timeout=10.0,
                             on_timeout="none")
   assert not isinstance(info.value, RewardTimeoutError)
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_a_function_that_returns_none_is_a_named_error_not_a_timeout(is_async):
+  # A missing `return` used to be read as a timed-out call: every sample silently unscored.
+  if is_async:
+    async def forgot(completions, **kwargs):
+      [1.0] * len(completions)
+  else:
+    def forgot(completions, **kwargs):
+      [1.0] * len(completions)
+
+  def fine(completions, **kwargs):
+    return [0.5] * len(completions)
+
+  for timeout in (None, 10.0):
+    with pytest.raises(RewardFunctionError, match=r"'forgot' \(reward source 0\) returned None.*"
+                                                  "missing `return`"):
+      rewards.compute_rewards([forgot, fine], PROMPTS, COMPLETIONS, num_generations=2,
+                              timeout=timeout, on_timeout="none")
+
+
+def test_jax_numpy_and_torch_arrays_are_accepted_as_outputs():
+  import jax.numpy as jnp
+  import torch
+
+  def as_jax(completions, **kwargs):
+    return jnp.arange(len(completions), dtype=jnp.float32)
+
+  def as_torch(completions, **kwargs):
+    return torch.full((len(completions),), 0.5)
+
+  def as_numpy_with_none(completions, **kwargs):
+    return np.array([1.0, None, 2.0, None], dtype=object)
+
+  out = rewards.compute_rewards([as_jax, as_torch, as_numpy_with_none], PROMPTS, COMPLETIONS,
+                                num_generations=2)
+  np.testing.assert_array_equal(out.per_source[:, 0], [0.0, 1.0, 2.0, 3.0])
+  np.testing.assert_array_equal(out.rewards, [1.5, 1.5, 4.5, 3.5])
+
+  def wrong_shape(completions, **kwargs):
+    return jnp.zeros((len(completions), 1))
+
+  with pytest.raises(RewardFunctionError, match=r"'wrong_shape'.*array of shape \[4, 1\]"):
+    rewards.compute_rewards([wrong_shape], PROMPTS, COMPLETIONS, num_generations=2)
+
+
+def test_a_timed_out_call_leaves_nothing_in_the_logs():
+  release = threading.Event()
+
+  def logs_then_hangs(completions, log_extra, log_metric, **kwargs):
+    log_metric("judge/latency", 1.0)
+    log_extra("judge_note", ["partial"] * len(completions))
+    release.wait()
+    log_metric("judge/latency", 2.0)  # after the batch: must not reach any later result
+    return [1.0] * len(completions)
+
+  def logs(completions, log_extra, log_metric, **kwargs):
+    log_metric("judge/latency", 5.0)
+    return [0.0] * len(completions)
+
+  try:
+    out = rewards.compute_rewards([logs_then_hangs, logs], PROMPTS, COMPLETIONS,
+                                  num_generations=2, timeout=0.2, on_timeout="none")
+  finally:
+    release.set()
+  assert out.metrics["rewards/logs_then_hangs/timeouts"] == 1.0
+  assert out.metrics["judge/latency"] == 5.0  # only the call that returned
+  assert out.extra_columns == {}
+
+
+def test_concurrent_async_sources_log_in_source_order():
+  def make(name, delay):
+    async def source(completions, log_extra, **kwargs):
+      await asyncio.sleep(delay)
+      log_extra("judge", [f"{name}{i}" for i in range(len(completions))])
+      return [0.0] * len(completions)
+    source.__name__ = name
+    return source
+
+  # The first source finishes last; its column entries still come first.
+  out = rewards.compute_rewards([make("slow", 0.2), make("fast", 0.0)], PROMPTS, COMPLETIONS,
+                                num_generations=2)
+  assert out.extra_columns == {"judge": [f"slow{i}" for i in range(4)]
+                               + [f"fast{i}" for i in range(4)]}
 
 
 @pytest.mark.parametrize("output, match", [
@@ -356,6 +491,13 @@ def test_builtin_names_resolve_to_the_builtins():
   assert acc is rewards.accuracy_reward and fmt is rewards.think_format_reward
   assert soft.__name__ == trl_soft.__name__ == "soft_overlong_punishment"
   assert soft(completion_ids=[[0] * 6]) == [-0.5]
+  # The one-shot helper takes the runner's settings too (it used to take no lengths or names).
+  out = rewards.compute_rewards(["soft_overlong_punishment", "think_format_reward"], ["p"],
+                                ["a", "b"], [[0] * 6, [0] * 3], num_generations=2,
+                                max_completion_len=8, soft_punish_cache=4,
+                                names=["overlong", "format"])
+  assert out.names == ("overlong", "format")
+  np.testing.assert_array_equal(out.per_source[:, 0], [-0.5, 0.0])
 
 
 # --- the built-ins ------------------------------------------------------------------------------
@@ -426,6 +568,16 @@ def test_answers_match(predicted, gold, equal):
   assert rewards.answers_match(predicted, gold) is equal
 
 
+def test_the_unicode_minus_is_a_minus_sign():
+  # Dropping it turned a wrong "−5" into a right "5" (and a right "−5" into a wrong answer).
+  assert rewards.extract_answer("so x = \u22125") == "-5"
+  assert rewards.extract_answer("#### \u22123.5 degrees") == "-3.5"
+  assert rewards.parse_number("\u22125") == Fraction(-5)
+  assert rewards.answers_match("\u22121/2", r"-\frac{1}{2}")
+  assert rewards.accuracy_reward(["so x = \u22125", "\\boxed{\u22125}"],
+                                 solution=["5", "-5"]) == [0.0, 1.0]
+
+
 def test_accuracy_reward_reads_solution_or_answer_columns():
   completions = [r"so \boxed{\frac{1}{2}}", "the total is 1,000.", "#### 9", "no idea", "0.5"]
   solution = [r"We get $\boxed{0.5}$.", "1000", "#### 8", "7", ""]
@@ -478,8 +630,12 @@ def test_soft_overlong_punishment_follows_dapo_in_tokens():
   np.testing.assert_allclose(out.rewards, [0.0, -0.5])
   with pytest.raises(ValueError, match="soft_punish_cache=5 must be <= max_completion_len=4"):
     rewards.soft_overlong_punishment(max_completion_len=4, soft_punish_cache=5)
-  with pytest.raises(ValueError, match="soft_punish_cache must be a positive int"):
-    rewards.soft_overlong_punishment(max_completion_len=4, soft_punish_cache=0)
+  # TRL allows soft_punish_cache=0: no ramp, only an overlong completion gets -1.
+  hard = rewards.soft_overlong_punishment(max_completion_len=4, soft_punish_cache=0)
+  assert hard(completion_ids=[[1] * 3, [1] * 4, [1] * 5]) == [0.0, 0.0, -1.0]
+  for bad in (-1, True):
+    with pytest.raises(ValueError, match=r"soft_punish_cache must be an int >= 0"):
+      rewards.soft_overlong_punishment(max_completion_len=4, soft_punish_cache=bad)
   with pytest.raises(RewardFunctionError, match="needs completion_ids"):
     rewards.compute_rewards([small], ["p"], ["a"])
 

@@ -203,3 +203,10 @@ def test_ensemble_skips_none_members_and_names_bad_ones():
     RewardEnsemble([ones], mode="mean_minus_std", k=-1.0)
   with pytest.raises(ValueError, match="members must hold at least one"):
     RewardEnsemble([])
+
+  async def judge(completions, **kwargs):
+    return [1.0] * len(completions)
+
+  # An async member used to reach the combination as an unawaited coroutine.
+  with pytest.raises(ValueError, match=r"members\[1\] \('judge'\) is an async function"):
+    RewardEnsemble([ones, judge])

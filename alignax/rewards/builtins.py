@@ -9,6 +9,9 @@ Answer extraction (:func:`extract_answer`), first rule that applies:
 2. the rest of the line after the last ``####`` (GSM8K's convention);
 3. the last number in the text (``-3``, ``1,000``, ``2.5``, ``3/4``).
 
+The Unicode minus sign (U+2212, ``−5``) counts as ``-`` throughout, so it is neither dropped from
+an answer (which would turn ``−5`` into ``5``) nor left to fail a numeric comparison.
+
 Numeric equivalence (:func:`parse_number`, exact, with :class:`fractions.Fraction`): thousands
 separators (``1,000`` and LaTeX ``1{,}000`` / ``1\,000``), a leading ``+``, ``$`` signs, ``\left`` /
 ``\right``, ``\text{...}`` wrappers and a trailing period are dropped; ``0.5``, ``1/2``,
@@ -29,6 +32,7 @@ from alignax.rewards.contract import completion_text
 # --- answer extraction -----------------------------------------------------------------------
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
+_UNICODE_MINUS = "\u2212"
 # A number in running text: thousands-grouped or plain integer part, optional decimals, optional
 # "/denominator". The look-behind keeps "x2" and "v1.5" from yielding numbers out of identifiers.
 _NUMBER = re.compile(
@@ -78,6 +82,7 @@ def extract_answer(text: str) -> str | None:
 
   Returns None when none of the rules finds anything. See the module docstring for the rules.
   """
+  text = text.replace(_UNICODE_MINUS, "-")
   boxed = extract_boxed(text)
   if boxed is not None:
     return boxed
@@ -105,8 +110,9 @@ _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 def normalize_answer(answer: str) -> str:
   r"""An answer with presentation removed: ``$``, ``\left``/``\right``, ``\displaystyle``, ``\!``,
   ``\text{..}``-style wrappers (their content kept), LaTeX thousands separators, a trailing period,
-  ``\dfrac``/``\tfrac`` spelled ``\frac``, and surrounding whitespace."""
-  text = answer.strip()
+  ``\dfrac``/``\tfrac`` spelled ``\frac``, the Unicode minus spelled ``-``, and surrounding
+  whitespace."""
+  text = answer.strip().replace(_UNICODE_MINUS, "-")
   previous = None
   while previous != text:  # wrappers can nest: \text{\textbf{5}}
     previous = text
@@ -272,14 +278,17 @@ def soft_overlong_punishment(
   Args:
     max_completion_len: :math:`L_{max}`, the completion budget in tokens (TRL's name).
     soft_punish_cache: :math:`L_{cache}`, the length of the linear ramp before the budget (TRL's
-      name), ``1 <= soft_punish_cache <= max_completion_len``.
+      name), ``0 <= soft_punish_cache <= max_completion_len``; 0 (allowed by TRL too) means no
+      ramp: only a completion over the budget gets -1.
 
   Returns:
     A reward function ``f(completion_ids, **kwargs) -> list[float]`` named
     ``soft_overlong_punishment``.
   """
   _validate.positive_int("max_completion_len", max_completion_len)
-  _validate.positive_int("soft_punish_cache", soft_punish_cache)
+  if (not isinstance(soft_punish_cache, int) or isinstance(soft_punish_cache, bool)
+      or soft_punish_cache < 0):
+    raise ValueError(f"soft_punish_cache must be an int >= 0, got {soft_punish_cache!r}")
   if soft_punish_cache > max_completion_len:
     raise ValueError(
       f"soft_punish_cache={soft_punish_cache} must be <= max_completion_len={max_completion_len}"

@@ -11,6 +11,7 @@ This module holds what every part of :mod:`alignax.rewards` needs to agree on: t
 check of a function's output, a function's logging name, and the text of a completion.
 """
 
+import inspect
 import math
 import numbers
 from collections.abc import Mapping
@@ -72,7 +73,8 @@ def check_rewards(output: Any, *, count: int, label: str) -> np.ndarray:
   ``None`` and NaN become NaN (not scored); every other entry must be a finite real number.
 
   Args:
-    output: what the function returned: a list or tuple (or a 1-D NumPy array) of floats / None.
+    output: what the function returned: a list or tuple of floats / None, or a 1-D array (NumPy,
+      JAX, or anything else ``np.asarray`` reads, as TRL accepts a tensor).
     count: the number of completions it was given.
     label: how to name the function in errors (see :func:`source_label`).
 
@@ -80,6 +82,13 @@ def check_rewards(output: Any, *, count: int, label: str) -> np.ndarray:
     RewardFunctionError: ``output`` is not a sequence, has a length other than ``count``, or holds
       an entry that is neither None nor a finite real number (named with its index).
   """
+  if output is None:
+    raise RewardFunctionError(
+      f"{label} returned None; expected a list of {count} floats or None (one per completion): "
+      "a missing `return`?"
+    )
+  if not isinstance(output, (list, tuple, str, bytes, Mapping)) and hasattr(output, "__array__"):
+    output = np.asarray(output)  # a JAX array or a tensor: its elements arrive as NumPy scalars
   if isinstance(output, np.ndarray):
     if output.ndim != 1:
       raise RewardFunctionError(
@@ -133,6 +142,13 @@ def completion_text(completion: Any) -> str:
   raise ValueError(
     "a completion must be a string or a list of {'role', 'content'} messages with string "
     f"content, got {completion!r}"
+  )
+
+
+def is_async_source(source: Any) -> bool:
+  """True for an ``async def`` function or an object whose ``__call__`` is one (partials too)."""
+  return inspect.iscoroutinefunction(source) or inspect.iscoroutinefunction(
+    getattr(source, "__call__", None)
   )
 
 

@@ -47,6 +47,7 @@ from alignax.rewards.contract import (
   RewardFunctionError,
   check_rewards,
   completion_text,
+  is_async_source,
   is_conversational,
   reward_name,
   source_label,
@@ -254,6 +255,13 @@ class RewardEnsemble:
     for i, member in enumerate(members):
       if not callable(member):
         raise ValueError(f"members[{i}] is a {type(member).__name__}, not a reward source")
+      if is_async_source(member):
+        # The members are called one after another and their lists combined at once; a coroutine
+        # would reach the combination unawaited.
+        raise ValueError(
+          f"members[{i}] ({reward_name(member)!r}) is an async function; an ensemble calls its "
+          "members synchronously, so pass it to the RewardRunner as a source of its own"
+        )
     self.members = list(members)
     self.mode = mode
     self.k = float(k)

@@ -23,15 +23,19 @@ loop.
 Synchronous functions run one after another in the calling thread, as in TRL.
 
 Timeouts (TRL has none): with ``timeout`` set, each call of a reward *function* gets that many
-seconds. A coroutine is cancelled (``asyncio.wait_for``); a synchronous function runs in a daemon
+seconds. A coroutine is cancelled (``asyncio.wait``); a synchronous function runs in a daemon
 thread that is abandoned when it overruns (Python cannot stop a thread; it finishes or dies with
 the process). ``on_timeout="error"`` raises :class:`RewardTimeoutError`; ``on_timeout="none"``
-scores the whole call as None and counts it in ``rewards/{name}/timeouts``. An ``async def`` that
-blocks the loop (``time.sleep`` instead of ``await asyncio.sleep``) cannot be timed out. Reward
-models and ensembles (jitted alignax code, whose first call compiles) are not timed.
+scores the whole call as None, drops what it logged (``log_extra`` / ``log_metric``), and counts
+it in ``rewards/{name}/timeouts``. An ``async def`` that blocks the loop (``time.sleep`` instead of
+``await asyncio.sleep``) cannot be cancelled: when the async calls of a batch are still not done
+at twice the timeout (at least one second more), the runner abandons that loop to finish on its
+own, starts a fresh one for the next batch, and treats every async call of the batch as timed
+out. Reward models and ensembles (jitted alignax code, whose first call compiles) are not timed.
 """
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import importlib
 import inspect
@@ -52,6 +56,7 @@ from alignax.rewards.contract import (
   RewardTimeoutError,
   check_rewards,
   completion_text,
+  is_async_source,
   is_conversational,
   reward_name,
   source_label,
@@ -183,28 +188,34 @@ def _nanstd(values: np.ndarray) -> float:
   return float(np.std(finite, ddof=1))
 
 
-def _is_async(source: Any) -> bool:
-  return inspect.iscoroutinefunction(source) or inspect.iscoroutinefunction(
-    getattr(source, "__call__", None)
-  )
-
-
 class _Log:
-  """The ``log_extra`` / ``log_metric`` callbacks of one batch (thread-safe: async sources run on
-  the loop thread, timed synchronous ones on their own)."""
+  """The ``log_extra`` / ``log_metric`` callbacks of one call of one source.
+
+  Each call logs into its own buffer; the runner merges the buffers of the calls that returned, in
+  source order, so concurrent async sources cannot interleave a column, and a call that timed out
+  leaves nothing behind: what it logged before the timeout is discarded with its rewards, and an
+  abandoned thread that finishes later writes into a buffer nobody reads (``closed``).
+  """
 
   def __init__(self):
     self._lock = threading.Lock()
+    self.closed = False
     self.extra: dict[str, list[Any]] = {}
     self.metrics: dict[str, list[float]] = {}
 
   def log_extra(self, column: str, values: Any) -> None:
     with self._lock:
-      self.extra.setdefault(column, []).extend(values)
+      if not self.closed:
+        self.extra.setdefault(column, []).extend(values)
 
   def log_metric(self, name: str, value: Any) -> None:
     with self._lock:
-      self.metrics.setdefault(name, []).append(float(value))
+      if not self.closed:
+        self.metrics.setdefault(name, []).append(float(value))
+
+  def close(self) -> None:
+    with self._lock:
+      self.closed = True
 
 
 class RewardRunner:
@@ -288,6 +299,12 @@ class RewardRunner:
       self._loop, self._loop_thread = loop, thread
     return self._loop
 
+  def _abandon_event_loop(self) -> None:
+    """Leaves a blocked loop to stop once its blocking call returns (its thread is a daemon) and
+    lets the next async call start a fresh one."""
+    self._loop.call_soon_threadsafe(self._loop.stop)
+    self._loop, self._loop_thread = None, None
+
   def close(self) -> None:
     """Stops the background event loop (a later async call starts a new one)."""
     if self._loop is not None:
@@ -352,13 +369,14 @@ class RewardRunner:
       )
     return output
 
-  def _timeout(self, index: int) -> None:
+  def _timeout(self, index: int) -> object:
+    """Raises :class:`RewardTimeoutError`, or returns ``_TIMED_OUT`` under ``on_timeout="none"``."""
     if self.on_timeout == "error":
       raise RewardTimeoutError(
         f"{source_label(self.names[index], index)} did not return within timeout={self.timeout}s "
         "(on_timeout='none' scores such a call as None instead)"
       )
-    return None
+    return _TIMED_OUT
 
   def _call_async(self, calls: list[tuple[int, Any, dict[str, Any]]]) -> dict[int, Any]:
     timeout = self.timeout
@@ -382,7 +400,24 @@ class RewardRunner:
         return_exceptions=True,
       )
 
-    results = asyncio.run_coroutine_threadsafe(gather(), self._event_loop()).result()
+    future = asyncio.run_coroutine_threadsafe(gather(), self._event_loop())
+    try:
+      # The inner waits end every call by `timeout`; only a loop that stays blocked (a synchronous
+      # call inside `async def`) keeps the gather past it, so past twice that (at least one
+      # second more) it is blocked.
+      results = future.result(None if timeout is None else timeout + max(timeout, 1.0))
+    except concurrent.futures.TimeoutError:
+      future.cancel()
+      self._abandon_event_loop()
+      names = [self.names[index] for index, _, _ in calls]
+      if self.on_timeout == "error":
+        raise RewardTimeoutError(
+          f"the async reward functions {names} did not return within timeout={timeout}s and "
+          "their event loop stayed blocked: one of them blocks it (time.sleep or a synchronous "
+          "client inside `async def`), which cannot be cancelled; the runner moved to a fresh "
+          "event loop (on_timeout='none' scores such calls as None instead)"
+        ) from None
+      return {index: _TIMED_OUT for index, _, _ in calls}
     outputs: dict[int, Any] = {}
     for (index, _, _), result in zip(calls, results):
       if result is _TIMED_OUT:
@@ -469,36 +504,43 @@ class RewardRunner:
                         for k, vs in columns.items()}
     ids = None if completion_ids is None else [[int(t) for t in row] for row in completion_ids]
 
-    log = _Log()
+    logs = [_Log() for _ in self.sources]
 
-    def kwargs() -> dict[str, Any]:
+    def kwargs(index: int) -> dict[str, Any]:
       # Fresh lists per source: a function that edits its inputs cannot change another's.
       return dict(
         prompts=list(repeated_prompts), completions=list(completions),
         completion_ids=None if ids is None else [list(row) for row in ids],
         **{k: list(v) for k, v in repeated_columns.items()},
-        trainer_state=trainer_state, log_extra=log.log_extra, log_metric=log.log_metric,
+        trainer_state=trainer_state, log_extra=logs[index].log_extra,
+        log_metric=logs[index].log_metric,
       )
 
     outputs: dict[int, Any] = {}
     async_calls = []
-    for index, source in enumerate(self.sources):
-      if _is_async(source):
-        async_calls.append((index, source, kwargs()))
-      else:
-        outputs[index] = self._call_sync(index, source, kwargs())
-    if async_calls:
-      outputs.update(self._call_async(async_calls))
+    try:
+      for index, source in enumerate(self.sources):
+        if is_async_source(source):
+          async_calls.append((index, source, kwargs(index)))
+        else:
+          outputs[index] = self._call_sync(index, source, kwargs(index))
+      if async_calls:
+        outputs.update(self._call_async(async_calls))
+    finally:
+      # Abandoned threads and cancelled tasks may still call their callbacks: drop those writes.
+      for log in logs:
+        log.close()
 
     per_source = np.empty((n, len(self.sources)), np.float64)
     metrics: dict[str, float] = {}
     for index, name in enumerate(self.names):
       output = outputs[index]
+      timed_out = output is _TIMED_OUT
       if self.on_timeout == "none" and self._timed(self.sources[index]):
-        metrics[f"rewards/{name}/timeouts"] = float(output is None)
-      if output is None:  # a timed-out call
+        metrics[f"rewards/{name}/timeouts"] = float(timed_out)
+      if timed_out:
         per_source[:, index] = math.nan
-      else:
+      else:  # a function that returned None itself (a missing `return`) is a named error here
         per_source[:, index] = check_rewards(
           output, count=n, label=source_label(name, index)
         )
@@ -520,7 +562,16 @@ class RewardRunner:
         stacklevel=2,
       )
     rewards = np.nansum(per_source * self.weights[None, :], axis=1)
-    for name, values in log.metrics.items():
+    logged_metrics: dict[str, list[float]] = {}
+    extra_columns: dict[str, list[Any]] = {}
+    for index, log in enumerate(logs):
+      if outputs[index] is _TIMED_OUT:
+        continue
+      for name, values in log.metrics.items():
+        logged_metrics.setdefault(name, []).extend(values)
+      for column, values in log.extra.items():
+        extra_columns.setdefault(column, []).extend(values)
+    for name, values in logged_metrics.items():
       metrics[name] = float(np.mean(values))
     return RewardOutput(
       rewards=rewards.astype(np.float32),
@@ -528,7 +579,7 @@ class RewardRunner:
       names=self.names,
       all_none=all_none,
       metrics=metrics,
-      extra_columns=log.extra,
+      extra_columns=extra_columns,
     )
 
 
@@ -547,11 +598,20 @@ def compute_rewards(
   num_generations: int = 1,
   trainer_state: Any = None,
   weights: Sequence[float] | np.ndarray | None = None,
+  names: Sequence[str] | None = None,
   timeout: float | None = None,
   on_timeout: str = "error",
+  max_completion_len: int | None = None,
+  soft_punish_cache: int | None = None,
 ) -> RewardOutput:
-  """One-shot :class:`RewardRunner` call (builds a runner, scores, closes its event loop)."""
-  with RewardRunner(sources, weights=weights, timeout=timeout, on_timeout=on_timeout) as runner:
+  """One-shot :class:`RewardRunner` call (builds a runner, scores, closes its event loop).
+
+  The batch arguments are :meth:`RewardRunner.__call__`'s; ``weights``, ``names``, ``timeout``,
+  ``on_timeout``, ``max_completion_len`` and ``soft_punish_cache`` are :class:`RewardRunner`'s.
+  """
+  with RewardRunner(sources, weights=weights, names=names, timeout=timeout,
+                    on_timeout=on_timeout, max_completion_len=max_completion_len,
+                    soft_punish_cache=soft_punish_cache) as runner:
     return runner(prompts, completions, completion_ids, columns=columns,
                   num_generations=num_generations, trainer_state=trainer_state)
 
