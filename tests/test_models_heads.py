@@ -46,6 +46,20 @@ def test_reward_model_matches_sequence_classification(tmp_path_factory, family):
   assert max_error(out.scores, want) <= 1e-4
 
 
+def test_reward_read_out_skips_a_trailing_eos_when_pad_is_eos(tmp_path_factory):
+  """TRL's usual reward models pad with EOS and end every sequence with EOS; transformers then
+  scores the token before that EOS. alignax must read the same token."""
+  path, hf_model = saved_checkpoint(tmp_path_factory, "llama", head="score", num_labels=1,
+                                    pad_token_id=2)  # == eos_token_id
+  ids, mask, positions = padded_batch(hf_model.config.vocab_size, seed=3)
+  ids = np.where(ids == 0, 2, ids)  # padded_batch pads with id 0
+  last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+  ids[np.arange(3), last] = 2  # every row ends with EOS
+  want = _torch_scores(hf_model, ids, mask, positions)
+  got = run_head(models.from_pretrained(path, head="score"), jnp.asarray(ids), jnp.asarray(mask))
+  assert max_error(got.scores, want) <= 1e-4
+
+
 @pytest.mark.parametrize("family", ["llama3", "gpt2"])
 def test_value_model_reads_a_one_label_classifier_at_every_token(tmp_path_factory, family):
   path, hf_model = saved_checkpoint(tmp_path_factory, family, head="score", num_labels=1)

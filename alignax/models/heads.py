@@ -101,6 +101,9 @@ class ValueModel(_ScoredDecoder):
 class RewardModel(_ScoredDecoder):
   """``r(x) = W h_last``: the score of the last real token, as ``*ForSequenceClassification``.
 
+  The last real token is the last one that the attention mask keeps and that is not the config's
+  ``pad_token_id`` (transformers' rule, so a checkpoint scores the same in both libraries).
+
   A Bradley-Terry reward model (Ouyang et al., 2022) is the ``num_labels = 1`` case.
   """
 
@@ -118,6 +121,11 @@ class RewardModel(_ScoredDecoder):
     hidden, scores = self._hidden_and_scores(input_ids, attention_mask, positions, segment_ids)
     b, t = hidden.shape[:2]
     mask = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
+    if self.config.pad_token_id is not None:
+      # transformers reads the last token that is not the pad id. Where pad == EOS (TRL's usual
+      # set-up) that is the token before a trailing EOS: reading the EOS instead would score
+      # differently from the exported checkpoint in transformers.
+      mask = mask & (jnp.asarray(input_ids) != self.config.pad_token_id)
     # The read-out as a one-hot contraction: an empty row scores 0 instead of reading a pad.
     last = last_valid_token(mask).astype(scores.dtype)
     return ScoreOutput(jnp.einsum("bt,btl->bl", last, scores), hidden)
