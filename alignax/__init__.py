@@ -54,11 +54,24 @@ _export("alignax.models", "CausalLM", "DecoderConfig", "RewardModel", "ValueMode
         "from_pretrained", "save_pretrained", "LoRAConfig", "LoRAParam", "apply_lora", "load_lora",
         "lora_disabled", "merge_lora", "save_lora", "apply_chat_template", "build_tiny_tokenizer",
         "load_tokenizer")
+# --- rewards for online RL: reward functions with TRL's contract, reward models, ensembles
+_export("alignax.rewards", "AllRewardsNoneWarning", "RewardEnsemble", "RewardFunctionError",
+        "RewardModelScorer", "RewardOutput", "RewardRunner", "RewardTimeoutError",
+        "accuracy_reward", "compute_rewards", "load_reward_model", "resolve_reward_funcs",
+        "soft_overlong_punishment", "think_format_reward")
+# --- layers 3-4: the engine's reference log-probs, precomputed once over a dataset
+_export("alignax.train.reference", "precompute_reference_logps")
 
-__all__ = ["__version__", *_EXPORTS]
+# Subpackages reached as attributes (``ax.train.dpo(...)``, ``ax.sampling.generate(...)``), imported
+# on first use like the names above.
+_SUBPACKAGES = ("data", "rewards", "sampling", "train")
+
+__all__ = ["__version__", *_EXPORTS, *_SUBPACKAGES]
 
 
 def __getattr__(name: str) -> Any:
+  if name in _SUBPACKAGES:
+    return importlib.import_module(f"alignax.{name}")
   module = _EXPORTS.get(name)
   if module is None:
     raise AttributeError(f"module 'alignax' has no attribute {name!r}")
@@ -68,5 +81,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(_EXPORTS))
+  return sorted(set(globals()) | set(_EXPORTS) | set(_SUBPACKAGES))
 
