@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from alignax import _validate
+from alignax.distributed import to_host
 from alignax.models.config import DecoderConfig, config_from_hf
 from alignax.models.decoder import CausalLM
 from alignax.models.heads import RewardModel, ValueModel
@@ -360,6 +361,10 @@ def save_pretrained(
 ) -> None:
   """Writes ``model`` as a Hugging Face checkpoint directory.
 
+  In a multi-host run (``alignax.distributed.initialize``) every process must call it: each
+  tensor is gathered from the hosts that hold its shards (a collective), and process 0 alone
+  writes the files.
+
   ``config.json`` is the source config with ``architectures`` (``*ForCausalLM``, ``GPT2LMHeadModel``
   or ``*ForSequenceClassification``), labels and ``dtype`` updated; weights go to
   ``model.safetensors``, or to ``model-0000i-of-0000n.safetensors`` shards plus
@@ -375,15 +380,20 @@ def save_pretrained(
   head = _head_of(model)
   limit = _parse_size(max_shard_size)
   path = os.fspath(path)
-  os.makedirs(path, exist_ok=True)
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(path, exist_ok=True)
   config: DecoderConfig = model.config
   tensors: dict[str, np.ndarray] = {}
   dtypes = set()
   for name, (p, variable, layer) in _expected_tensors(config, nnx.state(model)).items():
     array = variable[...] if layer is None else variable[...][layer]
-    array = np.asarray(jax.device_get(array))
+    array = to_host(array)
     dtypes.add(array.dtype)
-    tensors[name] = np.ascontiguousarray(array.T if _transposed(config, p) else array)
+    if writer:
+      tensors[name] = np.ascontiguousarray(array.T if _transposed(config, p) else array)
+  if not writer:
+    return
 
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0

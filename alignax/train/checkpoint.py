@@ -1,23 +1,32 @@
 """Checkpoints with orbax, laid out as a TRL run's: ``output_dir/checkpoint-N/``.
 
 A checkpoint holds the train state (any pytree of arrays: parameters, optimizer state, step, RNG key
-data), the data iterator's state and a small JSON of run metadata, and beside them the
-``trainer_state.json`` that ``transformers`` tools read. Saves are asynchronous and atomic: orbax
-writes to a temporary directory and renames it when complete, so a process killed mid-save leaves the
-previous checkpoints usable and the half-written one invisible (``latest_step`` never returns it).
-``save_total_limit`` keeps the newest N.
+data), the data iterator's state, a small JSON of run metadata and the trainer state (the logged
+history), and beside them the ``trainer_state.json`` that ``transformers`` tools read. Saves are
+asynchronous and atomic: orbax writes to a temporary directory and renames it when complete, so a
+process killed mid-save leaves the previous checkpoints usable and the half-written one invisible
+(``latest_step`` never returns it). The trainer state is one of the checkpoint's own items, so every
+finished checkpoint has it, even when the process dies before the ``trainer_state.json`` copy
+(written once the save is known to have finished) reaches the directory. ``save_total_limit`` keeps
+the newest N.
+
+Multi-host: every process calls ``save``/``restore``/``close`` (orbax's saves are collective, each
+host writing its own shards); process 0 alone writes ``trainer_state.json``.
 """
 
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
 PREFIX = "checkpoint-"
+TRAINER_STATE_ITEM = "trainer_state"
 _NAME = re.compile(rf"^{re.escape(PREFIX)}(0|[1-9]\d*)$")
 
 
@@ -53,12 +62,14 @@ class CheckpointNames(ocp.path.step.NameFormat):
 
 @dataclasses.dataclass
 class Restored:
-  """What a checkpoint gives back: the state pytree, the data-iterator state and the metadata."""
+  """What a checkpoint gives back: the state pytree, the data-iterator state, the metadata and the
+  trainer state (``trainer_state.json``'s fields; None for a checkpoint saved without one)."""
 
   step: int
   state: Any
   data_state: Any
   metadata: dict[str, Any]
+  trainer_state: dict[str, Any] | None = None
 
 
 class Checkpointer:
@@ -83,6 +94,7 @@ class Checkpointer:
     )
     self.manager = ocp.CheckpointManager(self.output_dir, options=options)
     self._pending_state_files: dict[int, str] = {}
+    self._is_writer = jax.process_index() == 0
 
   def path(self, step: int) -> str:
     return os.path.join(self.output_dir, f"{PREFIX}{step}")
@@ -105,16 +117,19 @@ class Checkpointer:
       data_state: the data iterator's state (JSON-serialisable), restored with the state so the
         batches after a resume are the batches the uninterrupted run saw.
       metadata: small JSON-serialisable extras (e.g. the KL controller's coefficient, the epoch).
-      trainer_state: the text of the ``trainer_state.json`` to write into the checkpoint directory
-        once the save has finished (as ``transformers`` lays checkpoints out), taken now so later
-        logging does not change it.
+      trainer_state: the text of ``trainer_state.json`` (a JSON object), taken now so later
+        logging does not change it: saved as an item of the checkpoint (what a resume reads) and
+        written as ``trainer_state.json`` into the checkpoint directory once the save has finished
+        (as ``transformers`` lays checkpoints out).
     """
     self._flush_state_files()
     items = {"state": ocp.args.StandardSave(state),
              "data": ocp.args.JsonSave(data_state if data_state is not None else {}),
              "metadata": ocp.args.JsonSave(dict(metadata or {}))}
-    self.manager.save(step, args=ocp.args.Composite(**items))
     if trainer_state is not None:
+      items[TRAINER_STATE_ITEM] = ocp.args.JsonSave(json.loads(trainer_state))
+    self.manager.save(step, args=ocp.args.Composite(**items))
+    if trainer_state is not None and self._is_writer:
       self._pending_state_files[step] = trainer_state
 
   def restore(self, step: int | None, abstract_state: Any) -> Restored:
@@ -134,9 +149,14 @@ class Checkpointer:
                               f"{self.all_steps()}")
     items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore(),
              "metadata": ocp.args.JsonRestore()}
+    # Checkpoints written before the trainer state became an item have only the file copy.
+    has_trainer_state = os.path.isdir(os.path.join(self.path(step), TRAINER_STATE_ITEM))
+    if has_trainer_state:
+      items[TRAINER_STATE_ITEM] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    trainer_state = dict(restored[TRAINER_STATE_ITEM]) if has_trainer_state else None
     return Restored(step=step, state=restored["state"], data_state=restored["data"],
-                    metadata=dict(restored["metadata"]))
+                    metadata=dict(restored["metadata"]), trainer_state=trainer_state)
 
   def _flush_state_files(self) -> None:
     """Writes pending ``trainer_state.json`` texts into checkpoints whose save has finished."""

@@ -105,11 +105,20 @@ class MetricsLogger:
       self._wandb = wandb.init(name=run_name, config=dict(config or {}), dir=self.output_dir,
                                reinit=True)
 
-  def restore_history(self, state_path: str | os.PathLike) -> None:
-    """Continues from a checkpoint's ``trainer_state.json`` (its ``log_history`` and step)."""
+  def restore_history(self, source: str | os.PathLike | Mapping[str, Any]) -> None:
+    """Continues from a checkpoint's trainer state (its ``log_history``, step, epoch and tokens).
+
+    Args:
+      source: the path of a ``trainer_state.json``, or its fields as a mapping (what
+        ``Checkpointer.restore`` returns as ``trainer_state``).
+    """
     from transformers.trainer_callback import TrainerState
 
-    restored = TrainerState.load_from_json(os.fspath(state_path))
+    if isinstance(source, Mapping):
+      known = {f.name for f in dataclasses.fields(TrainerState)}
+      restored = TrainerState(**{k: v for k, v in source.items() if k in known})
+    else:
+      restored = TrainerState.load_from_json(os.fspath(source))
     self.state.log_history = list(restored.log_history)
     self.state.global_step = restored.global_step
     self.state.epoch = restored.epoch

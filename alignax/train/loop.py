@@ -2,9 +2,15 @@
 exact resume, the NaN guard and the final export. An algorithm contributes only its ``Objective``
 (``alignax.train.objectives``) and its batches (``alignax.data``); adding one never touches this loop.
 
-Resume is exact: a checkpoint holds the parameters, the optimizer state, the step, the RNG key and
-the data iterator's position, so a resumed run sees the same batches and logs the same per-step
-losses as an uninterrupted one (bitwise on CPU).
+Resume is exact: a checkpoint holds the parameters, the optimizer state, the step, the RNG key,
+the data iterator's position and the logged history, so a resumed run sees the same batches and
+logs the same per-step losses as an uninterrupted one (bitwise on CPU), even after a SIGKILL.
+
+Multi-host (after ``alignax.distributed.initialize``): every process runs ``fit`` with the same
+arguments and its own share of the batch (``make_batches(..., process_index=, process_count=)``);
+the global batch is assembled on the mesh, metrics are global, checkpoints are collective and
+process 0 alone writes ``metrics.jsonl``, ``trainer_state.json`` and ``run_config.json``. The final
+export is collective too (``save_pretrained`` gathers each tensor; process 0 writes).
 """
 
 import dataclasses
@@ -17,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -107,8 +114,10 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
     trainable: an nnx filter of the parameters to train (``alignax.LoRAParam`` for LoRA).
     reference: a frozen reference model (a separate copy, e.g. for DPO); its weights ride in the
       step's frozen argument and ``objective_fn`` is called with ``reference_graphdef=``.
-    tokenizer: saved beside the final model.
+    tokenizer: saved beside the final model (by process 0).
     export: ``(model, output_dir) -> None`` writes the final model (default ``save_pretrained``).
+      It is called on every process, as ``save_pretrained`` must be in a multi-host run (it
+      gathers sharded tensors collectively); files should be written by process 0 only.
     eval_fn: ``model -> metrics`` run every ``eval_steps`` (logged with an ``eval_`` prefix).
     on_step: called after every step with its metrics (tests use it to stop a run on purpose).
 
@@ -141,7 +150,8 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
   )
   state = _on_mesh(init_state(params, optimizer, frozen=frozen, seed=config.seed), mesh)
   objective = objective_fn(graphdef, **objective_options)
-  step_fn = jax.jit(make_train_step(objective, optimizer, schedule=schedule), donate_argnums=0)
+  step_fn = jax.jit(_counting_tokens(make_train_step(objective, optimizer, schedule=schedule)),
+                    donate_argnums=0)
 
   main = jax.process_index() == 0
   logger = MetricsLogger(config.output_dir, report_to=config.report_to, run_name=config.run_name,
@@ -169,7 +179,9 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
                            opt_state=saved_state.opt_state, rng=saved_state.rng)
     iterator.set_state(restored.data_state)
     state_file = os.path.join(saved.path(step), TRAINER_STATE_FILE)
-    if os.path.exists(state_file):
+    if restored.trainer_state is not None:
+      logger.restore_history(restored.trainer_state)
+    elif os.path.exists(state_file):
       logger.restore_history(state_file)
     if saved is not checkpointer:
       saved.close()
@@ -188,11 +200,13 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
       except StopIteration:
         raise ValueError(f"the training data ran out before step {step} of max_steps={max_steps}; "
                          "make the batches repeat (num_epochs=None) or lower max_steps") from None
-      tokens = int(np.sum(host_batch["attention_mask"])) * jax.process_count()
       batch = _place_batch(host_batch, mesh, config.gradient_accumulation_steps,
                            objective.batch_axes)
       state, metrics = step_fn(state, batch)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      metrics = jax.device_get(metrics)
+      # Counted on the global batch: hosts hold different numbers of real tokens.
+      tokens = int(metrics.pop(_BATCH_TOKENS))
+      metrics = {k: float(v) for k, v in metrics.items()}
       check_finite(step, {k: metrics[k] for k in ("loss", "grad_norm")})
       tokens_seen += tokens
       window_tokens += tokens
@@ -223,9 +237,22 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
     logger.close()
 
   _sync(model, reference, state)
-  if main:
-    (export or _default_export(tokenizer))(model, config.output_dir)
+  (export or _default_export(tokenizer))(model, config.output_dir)
   return FitResult(model=model, state=state, history=list(logger.state.log_history))
+
+
+_BATCH_TOKENS = "_batch_tokens"
+
+
+def _counting_tokens(step: Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]
+                     ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
+  """Adds the global batch's real-token count (its ``attention_mask`` sum) to the step's outputs."""
+
+  def counted(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+    state, metrics = step(state, batch)
+    return state, {**metrics, _BATCH_TOKENS: jnp.sum(batch["attention_mask"], dtype=jnp.int32)}
+
+  return counted
 
 
 def _sync(model: nnx.Module, reference: nnx.Module | None, state: TrainState) -> None:
@@ -261,8 +288,8 @@ def _default_export(tokenizer: Any) -> Callable[[nnx.Module, str], None]:
   def export(model: nnx.Module, output_dir: str) -> None:
     from alignax.models import save_pretrained
 
-    save_pretrained(model, output_dir)
-    if tokenizer is not None:
+    save_pretrained(model, output_dir)  # collective: every process gathers, process 0 writes
+    if tokenizer is not None and jax.process_index() == 0:
       tokenizer.save_pretrained(output_dir)
 
   return export
