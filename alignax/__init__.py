@@ -64,7 +64,7 @@ _export("alignax.train.reference", "precompute_reference_logps")
 
 # Subpackages reached as attributes (``ax.train.dpo(...)``, ``ax.sampling.generate(...)``), imported
 # on first use like the names above.
-_SUBPACKAGES = ("data", "rewards", "sampling", "train")
+_SUBPACKAGES = ("data", "distributed", "rewards", "sampling", "train")
 
 __all__ = ["__version__", *_EXPORTS, *_SUBPACKAGES]
 

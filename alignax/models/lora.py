@@ -387,9 +387,14 @@ def save_lora(model: nnx.Module, path: str | os.PathLike[str]) -> None:
     "base_model_name_or_path": None,
     "inference_mode": True,
   }
+  from alignax.distributed import is_writer, to_host
+
+  # Every process gathers (a collective on several hosts); only the writer touches the disk.
+  host = {k: jnp.asarray(np.ascontiguousarray(to_host(v))) for k, v in sorted(tensors.items())}
+  if not is_writer():
+    return
   directory = Path(path)
   directory.mkdir(parents=True, exist_ok=True)
-  host = {k: jnp.asarray(np.ascontiguousarray(jax.device_get(v))) for k, v in tensors.items()}
   safetensors.flax.save_file(host, directory / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
   (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
 

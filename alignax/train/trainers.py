@@ -213,7 +213,14 @@ def _export(model_config: ModelConfig, tokenizer: Any) -> Callable[[nnx.Module, 
     if not model_config.use_peft:
       save_pretrained(model, output_dir)
     else:
-      save_lora(model, output_dir)
+      save_lora(model, output_dir)  # collective: every process calls the savers
+      if model_config.merge_adapters:
+        merged = os.path.join(output_dir, MERGED_DIR)
+        save_pretrained(merge_lora(model), merged)
+      if jax.process_index() != 0:
+        return
+      if model_config.merge_adapters:
+        tokenizer.save_pretrained(merged)
       config_path = os.path.join(output_dir, "adapter_config.json")
       with open(config_path) as f:
         adapter = json.load(f)
@@ -222,11 +229,8 @@ def _export(model_config: ModelConfig, tokenizer: Any) -> Callable[[nnx.Module, 
       adapter["base_model_name_or_path"] = os.path.abspath(base) if os.path.isdir(base) else base
       with open(config_path, "w") as f:
         json.dump(adapter, f, indent=2, sort_keys=True)
-      if model_config.merge_adapters:
-        merged = os.path.join(output_dir, MERGED_DIR)
-        save_pretrained(merge_lora(model), merged)
-        tokenizer.save_pretrained(merged)
-    tokenizer.save_pretrained(output_dir)
+    if jax.process_index() == 0:
+      tokenizer.save_pretrained(output_dir)
 
   return export
 
