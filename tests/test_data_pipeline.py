@@ -148,13 +148,13 @@ def test_unpaired_batch_has_labels(tok):
 
 def test_kl_rows_are_paired_once_over_the_dataset_with_another_prompt(tok):
   """A paired row gives two adjacent unpaired examples with one prompt; each example's KL row
-  takes the completion of the nearest earlier example with a different prompt, in dataset order,
+  takes the completion of the same side of the previous row (a rotation by two in dataset order),
   so it does not depend on the shuffle or the batch size (and can be precomputed per example)."""
   rows = [{"prompt": f"{i}: what?", "chosen": " yes" * (i % 3 + 1), "rejected": " no"}
           for i in range(6)]
   ds, config = prepared(tok, rows, task="unpaired")
-  # Examples 2k and 2k + 1 share row k's prompt; both pair with example 2k - 1 (row k - 1).
-  assert kl_partners(ds.examples) == [11, 11, 1, 1, 3, 3, 5, 5, 7, 7, 9, 9]
+  # Examples 2k and 2k + 1 share row k's prompt; they pair with 2k - 2 and 2k - 1 (row k - 1).
+  assert kl_partners(ds.examples) == [10, 11, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
 
   def split(e):
     mask = e["completion_mask"]
@@ -168,6 +168,49 @@ def test_kl_rows_are_paired_once_over_the_dataset_with_another_prompt(tok):
       for i, seq in enumerate(unpad(batch)):
         n = batch["kl_attention_mask"][i].sum()
         assert tuple(batch["kl_input_ids"][i, :n].tolist()) == expected[seq]
+
+
+def _prompt_of(example):
+  mask = example["completion_mask"]
+  return tuple(example["input_ids"][: int(np.argmax(mask))].tolist())
+
+
+@pytest.mark.parametrize("prompts", [
+  "ABCDEFGH",  # one example per prompt: a rotation by one
+  "AABBCCDD",  # paired rows unpaired (chosen, rejected): a rotation by two
+  "AAABABBC",  # no rotation of the dataset order separates the prompts: grouped by prompt
+  "AAABCADB",  # irregular, the largest prompt holding half of the examples
+])
+def test_kl_rows_use_every_completion_once_under_another_prompt(tok, prompts):
+  """The KL rows' completions are the dataset's own completions, each used once (TRL: "the same
+  set as the matched outputs"), never under their own prompt. Before, a paired dataset gave both
+  examples of a row the previous row's rejected completion: every KL row held an undesirable
+  completion and no desirable one."""
+  rows = [{"prompt": f"{p} what?", "completion": f" answer {i}", "label": i % 2 == 0}
+          for i, p in enumerate(prompts)]
+  ds, _ = prepared(tok, rows, task="unpaired")
+  partners = kl_partners(ds.examples)
+  assert sorted(partners) == list(range(len(prompts)))
+  for i, j in enumerate(partners):
+    assert _prompt_of(ds.examples[i]) != _prompt_of(ds.examples[j]), (i, j)
+  # The labels of the KL completions are the dataset's labels: half desirable here.
+  assert sum(bool(ds.examples[j]["label"]) for j in partners) == len(prompts) // 2
+
+
+def test_kl_partners_of_paired_rows_take_both_sides(tok):
+  rows = [{"prompt": f"{i}: what?", "chosen": " yes", "rejected": " no"} for i in range(5)]
+  ds, _ = prepared(tok, rows, task="unpaired")
+  kl_labels = [bool(ds.examples[j]["label"]) for j in kl_partners(ds.examples)]
+  assert kl_labels == [True, False] * 5
+
+
+def test_kl_partners_when_one_prompt_holds_most_examples_take_another_prompt(tok):
+  # No permutation can give every "A" example another prompt's completion: completions repeat.
+  rows = [{"prompt": f"{p} what?", "completion": f" answer {i}", "label": True}
+          for i, p in enumerate("AAAAB")]
+  ds, _ = prepared(tok, rows, task="unpaired")
+  partners = kl_partners(ds.examples)
+  assert partners == [4, 4, 4, 4, 3]
 
 
 def test_kl_partners_with_one_prompt_fall_back_to_the_previous_example(tok):

@@ -187,3 +187,25 @@ def test_a_policy_without_adapters_and_no_reference_is_a_named_error(setup, make
     value, _ = jax.jit(dpo_objective(graphdef, reference_free=True).loss)(params, rest, batch,
                                                                          jax.random.key(0))
     assert np.isfinite(value)
+
+
+def test_kl_rows_run_no_backward_pass(setup):
+  """z0 carries no gradient, so the policy's KL forward needs no backward (TRL: torch.no_grad).
+  With a frozen-copy reference, counting F for one forward over B rows and 3F for forward and
+  backward: kto = 3F + F (KL rows) + 2F (reference, both halves) = 6F against apo_zero_unpaired's
+  3F + F = 4F. Before, completion and KL rows ran one [2B, T] forward with gradient, whose
+  backward covers all 2B rows: 8F, twice apo_zero_unpaired (and twice its activations)."""
+  _, base, _, _ = setup
+  policy, reference = _moved_policy_and_reference(base)
+  batch = _batch(setup)
+  graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
+  ref_graphdef, ref_state = nnx.split(reference)
+
+  def flops(loss_type):
+    objective = kto_objective(graphdef, reference_graphdef=ref_graphdef, loss_type=loss_type)
+    step = jax.jit(jax.value_and_grad(objective.loss, has_aux=True))
+    compiled = step.lower(params, (rest, ref_state), batch, jax.random.key(0)).compile()
+    return compiled.cost_analysis()["flops"]
+
+  ratio = flops("kto") / flops("apo_zero_unpaired")
+  assert 1.3 < ratio < 1.7, ratio

@@ -199,6 +199,14 @@ def test_bad_inputs_are_named(setup):
   partial = [ds.examples[0], {k: v for k, v in ds.examples[1].items() if k != "ref_logps"}]
   with pytest.raises(ValueError, match=r"'ref_logps' is on some examples .* rows \[1\]"):
     collate_preference(partial, pad_token_id=ds.pad_token_id, config=config)
+  # The first row lacking them is the same error, not a batch silently without the column (which
+  # would run the reference forward, or fail with no reference, depending on the shuffle).
+  with pytest.raises(ValueError, match=r"'ref_logps' is on some examples .* rows \[0\]"):
+    collate_preference(partial[::-1], pad_token_id=ds.pad_token_id, config=config)
+  kto = setup["precomputed"]["unpaired"].examples[:2]
+  kto = [{k: v for k, v in kto[0].items() if k != "kl_ref_logps"}, kto[1]]
+  with pytest.raises(ValueError, match=r"'kl_ref_logps' is on some examples .* rows \[0\]"):
+    collate_sequences(kto, pad_token_id=ds.pad_token_id, config=config)
   graphdef, params, rest = nnx.split(ax.from_pretrained(setup["base"]), nnx.Param, ...)
   unpaired = dict(_batch(setup, "unpaired"))
   del unpaired["kl_ref_logps"]

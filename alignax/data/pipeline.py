@@ -115,19 +115,50 @@ def _prompt_length(example: Example) -> int:
   return int(np.argmax(mask)) if mask.any() else len(mask)
 
 
-def kl_partners(examples: Sequence[Example]) -> list[int]:
-  """For every example, the index of the example whose completion makes its KL row: the nearest
-  one before it (cyclically, in dataset order) whose prompt differs from its own.
+# The longest rotation in dataset order that kl_partners tries before grouping by prompt.
+_MAX_KL_SHIFT = 64
 
-  TRL's ``KTOTrainer`` pairs example ``i`` with example ``i - 1`` within chunks of the batch size;
-  here the whole dataset is one cycle and examples sharing the prompt are skipped, because a
-  paired preference row becomes two adjacent unpaired examples (chosen, rejected) with one prompt,
-  and pairing those would score a completion under its own prompt, not a mismatched one. When all
-  prompts are equal the partner is simply ``i - 1``.
+
+def kl_partners(examples: Sequence[Example]) -> list[int]:
+  """For every example, the index of the example whose completion makes its KL row: a
+  permutation of the examples in which every example's partner has a different prompt.
+
+  A permutation uses every completion exactly once, so the KL rows score the dataset's own
+  completions, each under another prompt (TRL's ``KTOTrainer`` rotates by one within each batch
+  because "the mismatched outputs y' ... should be the same set as the matched outputs y"; here
+  the sets are equal over the dataset, and over a batch in expectation, as the pairing precedes
+  the shuffle). Example ``i`` takes the completion of example ``i - s`` (cyclically, in dataset
+  order) for the smallest shift ``s >= 1`` that gives every example another prompt. A paired
+  preference row becomes two adjacent examples (chosen, rejected) with one prompt, so there
+  ``s = 2``: chosen with the previous row's chosen, rejected with its rejected. (Taking the
+  nearest earlier different prompt instead would give both examples of a row the previous row's
+  *rejected* completion: a KL estimate over undesirable completions only.)
+
+  When no shift up to ``_MAX_KL_SHIFT`` works (prompts repeated across the dataset), the examples
+  are grouped by prompt (in order of first appearance) and rotated by the largest group's size,
+  which separates every example from its own group while no prompt holds more than half of the
+  examples. When one does, no such permutation exists: each example takes the nearest earlier
+  example with a different prompt (completions are reused); when all prompts are equal,
+  ``i - 1``; a dataset of one example is its own partner.
   """
   n = len(examples)
-  prompts = [e["input_ids"][: _prompt_length(e)].tobytes() for e in examples]
-  differs = [prompts[i] != prompts[i - 1] for i in range(n)]
+  codes: dict[bytes, int] = {}
+  prompt_ids = np.asarray(
+    [codes.setdefault(e["input_ids"][: _prompt_length(e)].tobytes(), len(codes)) for e in examples],
+    np.int64,
+  )
+  for shift in range(1, min(n, _MAX_KL_SHIFT + 1)):
+    if not np.any(prompt_ids == np.roll(prompt_ids, shift)):  # roll(x, s)[i] = x[i - s]
+      return ((np.arange(n) - shift) % n).tolist()
+  largest = int(np.bincount(prompt_ids).max()) if n else 0
+  if 1 < len(codes) and 2 * largest <= n:
+    # Contiguous groups of at most `largest` examples: positions `largest` apart (either way
+    # round the cycle, n - largest >= largest) always lie in different groups.
+    order = np.argsort(prompt_ids, kind="stable")
+    partners = np.empty(n, np.int64)
+    partners[order] = np.roll(order, largest)
+    return partners.tolist()
+  differs = [prompt_ids[i] != prompt_ids[i - 1] for i in range(n)]
   if not any(differs):
     return [(i - 1) % n for i in range(n)]
   # Walk the cycle from a prompt change: the nearest earlier different prompt of example i is
@@ -224,7 +255,8 @@ def collate_sequences(
   if unpaired:
     batch["label"] = np.asarray([e["label"] for e in examples], dtype=np.bool_)
   for key in ("ref_logps", "kl_ref_logps"):
-    if key in examples[0]:
+    # Any example, not just the first: a batch whose first row lacks them is still an error.
+    if any(key in e for e in examples):
       batch[key] = _float_column(examples, key)
   return batch
 
@@ -245,7 +277,7 @@ def collate_preference(
   }
   if "margin" in examples[0]:
     batch["margin"] = np.asarray([e["margin"] for e in examples], dtype=np.float32)
-  if "ref_logps" in examples[0]:
+  if any("ref_logps" in e for e in examples):
     batch["ref_logps"] = _float_column(examples, "ref_logps", axis=1)
   return batch
 

@@ -229,8 +229,10 @@ def kto_objective(graphdef: nnx.GraphDef, *, reference_graphdef: nnx.GraphDef | 
   :math:`\lambda_U(1 - \sigma(\beta(z_0 - s)))`, averaged over the examples. The reference point
   :math:`z_0 = \max(0, \overline{\log\pi(y'|x) - \log\pi_\text{ref}(y'|x)})` is the mean over
   the batch's KL rows (``kl_*``: each example's prompt with another example's completion
-  :math:`y'`, paired at dataset level by ``alignax.data``), without gradient. Completion and KL
-  rows run in ONE forward of the policy (``[2B, T]``) and one of the reference.
+  :math:`y'`, paired at dataset level by ``alignax.data``), without gradient. The policy scores
+  the KL rows in a forward of their own with its parameters held constant, so no backward pass
+  runs over them (TRL computes them under ``torch.no_grad``); the reference scores completion and
+  KL rows in one ``[2B, T]`` forward.
   ``loss_type="apo_zero_unpaired"`` (D'Oosterlinck et al. 2024) fixes :math:`z_0 = 0` and reads
   no KL row.
 
@@ -256,6 +258,9 @@ def kto_objective(graphdef: nnx.GraphDef, *, reference_graphdef: nnx.GraphDef | 
     ``kl`` (:math:`z_0`), ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
     ``logps/chosen``, ``logps/rejected`` (means over the desirable / undesirable rows of each
     micro-batch, 0 where there are none) and ``entropy`` (token mean over completion tokens).
+    With gradient accumulation the step averages these per-micro-batch means by rows (the loss's
+    weight), so they equal the whole batch's only for one micro-batch per step: a micro-batch
+    with no desirable row adds its 0 to ``rewards/chosen``.
 
   Raises:
     ValueError: a bad ``loss_type``, ``beta`` or weight; at trace time, no reference (as
@@ -279,10 +284,23 @@ def kto_objective(graphdef: nnx.GraphDef, *, reference_graphdef: nnx.GraphDef | 
       objective="kto_objective")
     rows = batch["input_ids"].shape[0]
     sequences = {k: batch[k] for k in _SEQUENCE_KEYS}
-    if use_kl:  # completion rows then KL rows: [2B, T], one forward
-      sequences = {k: jnp.concatenate([v, batch[f"kl_{k}"]]) for k, v in sequences.items()}
     out, mask = model_logprobs(policy, sequences, impl=impl)
     logps = sequence_logprobs(out.logp, mask)
+    if use_kl:
+      kl_sequences = {k: batch[f"kl_{k}"] for k in _SEQUENCE_KEYS}
+      # The KL rows only feed z0, which carries no gradient: a forward of the policy with its
+      # parameters held constant, so no backward pass runs over them (TRL's torch.no_grad).
+      # Concatenated with the completion rows into one [2B, T] forward with gradient, the
+      # backward would run over all 2B rows (half of it on zero cotangents) and keep their
+      # activations: about 1.5x the policy's FLOPs and twice its activation memory.
+      kl_policy = nnx.merge(graphdef, jax.lax.stop_gradient(params),
+                            frozen if reference_graphdef is None else frozen[0])
+      kl_out, kl_mask = model_logprobs(kl_policy, kl_sequences, impl=impl)
+      logps = jnp.concatenate([logps, jax.lax.stop_gradient(
+        sequence_logprobs(kl_out.logp, kl_mask))])
+      # The reference scores completion and KL rows in one [2B, T] forward.
+      sequences = {k: jnp.concatenate([v, kl_sequences[k]]) for k, v in sequences.items()}
+      mask = jnp.concatenate([mask, kl_mask])
     if precomputed:
       names = (REFERENCE_LOGPS_KEY, "kl_ref_logps") if use_kl else (REFERENCE_LOGPS_KEY,)
       for name in names:
@@ -299,7 +317,7 @@ def kto_objective(graphdef: nnx.GraphDef, *, reference_graphdef: nnx.GraphDef | 
                               reference_point=reference_point, beta=beta,
                               desirable_weight=desirable_weight,
                               undesirable_weight=undesirable_weight)
-    entropy = masked_mean(out.entropy[:rows], mask[:rows])
+    entropy = masked_mean(out.entropy, mask[:rows])
     return value, {**metrics, "entropy": jax.lax.stop_gradient(entropy)}
 
   return Objective(loss=loss, weight=_row_count)
