@@ -30,9 +30,13 @@ import transformers
 
 from alignax.data import DataConfig
 from alignax.train.config import MeshConfig, ModelConfig
+from alignax.train.grpo import GRPOConfig
 from alignax.train.trainers import ALGORITHMS
 
-USAGE = f"""usage: alignax {{{",".join(ALGORITHMS)}}} [flags] [--config FILE.yaml] [--debug]
+# Every training command and its config class (GRPO runs its own generate-score-update loop).
+TRAINERS = {**{name: spec.config for name, spec in ALGORITHMS.items()}, "grpo": GRPOConfig}
+
+USAGE = f"""usage: alignax {{{",".join(TRAINERS)}}} [flags] [--config FILE.yaml] [--debug]
 
 Trains a model with one algorithm and writes a Hugging Face / TRL-style output directory.
 
@@ -44,6 +48,7 @@ commands:
   orpo     odds-ratio preference optimisation (preference data, no reference)
   simpo    SimPO (preference data, no reference)
   cpo      contrastive preference optimisation (preference data, no reference)
+  grpo     group relative policy optimisation and its variants (prompt data, reward functions)
 
 other commands:
   run      an experiment module: alignax run experiments/NAME.py [--set k=v] [--sweep k=a,b] [--seeds N]
@@ -111,7 +116,7 @@ def _attribute_help(cls: type) -> dict[str, str]:
 def build_parser(command: str) -> _Parser:
   """The parser of ``alignax COMMAND``: the algorithm's config, ``ModelConfig``, the data options
   and ``MeshConfig``, each flag named as its field."""
-  config_cls = ALGORITHMS[command].config
+  config_cls = TRAINERS[command]
   classes = (config_cls, ModelConfig, _without_seed(DataConfig), MeshConfig)
   parser = _Parser(classes, prog=f"alignax {command}",
                    description=f"{config_cls.__doc__.splitlines()[0]} Flags override --config.")
@@ -241,8 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import importlib
 
     return importlib.import_module(TOOLS[command]).main(rest)
-  if command not in ALGORITHMS:
-    choices = [*ALGORITHMS, *TOOLS]
+  if command not in TRAINERS:
+    choices = [*TRAINERS, *TOOLS]
     close = difflib.get_close_matches(command, choices, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     _say(None, f"unknown command {command!r}{hint}; choose one of {', '.join(choices)}")
@@ -262,9 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   try:
     _initialize_distributed(mesh)
-    run(command, config, model=model, data=data, mesh=mesh)
-  except KeyboardInterrupt:
-    _say(command, "interrupted")
+    if command == "grpo":
+      from alignax.train.grpo import grpo
+
+      grpo(config, model=model, data=data, mesh=mesh)
+    else:
+      run(command, config, model=model, data=data, mesh=mesh)
+  except KeyboardInterrupt as e:
+    _say(command, f"interrupted: {e}" if str(e) else "interrupted")
     return 130
   except Exception as e:  # one readable line instead of a traceback wall
     if debug:

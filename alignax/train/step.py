@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
 
 from alignax.train.optim import global_norm
 
@@ -63,10 +64,31 @@ class TrainState(NamedTuple):
 
 def init_state(params: Any, optimizer: optax.GradientTransformation, *, frozen: Any = None,
                seed: int = 0) -> TrainState:
-  # Under jit the moments are created once, laid out like the parameters they track.
+  # Under jit the moments are created once, then laid out like the parameters they track.
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=jax.jit(optimizer.init)(params),
+                    opt_state=_like_params(jax.jit(optimizer.init)(params), params),
                     rng=jax.random.key_data(jax.random.key(seed)), frozen=frozen)
+
+
+def _like_params(opt_state: Any, params: Any) -> Any:
+  """The optimizer's per-parameter moments placed as the parameters they track.
+
+  ``optax``'s ``init`` makes them with ``zeros_like``, which under ``jit`` carries no sharding, so
+  they come out replicated while the step's outputs follow the parameters: the second step would see
+  new input shardings and compile the whole step again (and the moments would take a full copy of
+  the model per device until then).
+  """
+  leaves = jax.tree.leaves(params)
+  if not leaves or not all(isinstance(getattr(x, "sharding", None), NamedSharding) for x in leaves):
+    return opt_state  # parameters not on a mesh: nothing to follow
+  structure = jax.tree.structure(params)
+  shardings = jax.tree.map(lambda x: x.sharding, params)
+
+  def is_moments(node: Any) -> bool:
+    return jax.tree.structure(node) == structure
+
+  return jax.tree.map(lambda node: jax.device_put(node, shardings) if is_moments(node) else node,
+                      opt_state, is_leaf=is_moments)
 
 
 def split_micro_batches(batch: Mapping[str, Any], accumulation_steps: int, *,
