@@ -3,7 +3,8 @@
 import pytest
 import transformers
 
-from alignax.train.config import TrainingConfig
+from alignax.train.config import ModelConfig, TrainingConfig
+from alignax.train.logger import resolve_report_to
 
 
 def test_trl_flags_parse_with_hf_argument_parser():
@@ -30,3 +31,34 @@ def test_trl_flags_parse_with_hf_argument_parser():
 def test_bad_values_name_the_field(field, value, message):
   with pytest.raises(ValueError, match=message):
     TrainingConfig(output_dir="out", **{field: value})
+
+
+def test_report_to_takes_several_sinks_as_transformers_does():
+  parser = transformers.HfArgumentParser(TrainingConfig)
+  (config,) = parser.parse_args_into_dataclasses(
+    ["--output_dir", "out", "--report_to", "tensorboard", "wandb"])
+  assert resolve_report_to(config.report_to) == ("jsonl", "tensorboard", "wandb")
+  (config,) = parser.parse_args_into_dataclasses(["--output_dir", "out", "--report_to", "none"])
+  assert resolve_report_to(config.report_to) == ("jsonl",)
+
+
+@pytest.mark.parametrize("targets, expected", [
+  (["all-linear"], None),  # TRL's `--lora_target_modules all-linear`, PEFT's shorthand
+  ("all-linear", None),  # the same as a YAML scalar
+  ("q_proj", ["q_proj"]),  # a YAML scalar is one name, not its characters
+  (["q_proj", "v_proj"], ["q_proj", "v_proj"]),
+])
+def test_lora_target_modules_accept_peft_forms(targets, expected):
+  assert ModelConfig(lora_target_modules=targets).lora_target_modules == expected
+
+
+def test_all_linear_with_other_names_is_named():
+  with pytest.raises(ValueError, match="all-linear"):
+    ModelConfig(lora_target_modules=["all-linear", "q_proj"])
+
+
+def test_flags_left_out_keep_their_defaults():
+  (config,) = transformers.HfArgumentParser(TrainingConfig).parse_args_into_dataclasses(
+    ["--output_dir", "out"])
+  assert config == TrainingConfig(output_dir="out")
+  assert resolve_report_to(config.report_to) == ("jsonl",)

@@ -7,6 +7,7 @@ import functools
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -150,3 +151,51 @@ def test_skipped_rows_are_counted_in_the_log(setup, tmp_path, caplog):
   assert len(prepared) == 4
   assert f"{tmp_path / 'data'}[train]: 4 examples from 6 rows" in caplog.text
   assert "skipped 2 invalid rows (empty: 1, missing_field: 1)" in caplog.text
+
+
+def _sft_fit(setup, out, *, on_step=None, **overrides):
+  from alignax.train.loop import fit
+
+  _, tokenizer, base = setup
+  config = data.DataConfig(max_length=32, seed=0)
+  rows = [{"prompt": f"count from {WORDS[i % 4]}:", "completion": " " + " ".join(WORDS[:1 + i % 5])}
+          for i in range(16)]
+  prepared = data.prepare_dataset(data.load_rows(rows), tokenizer, task="sft", config=config)
+  mesh = make_mesh(fsdp=1, devices=jax.devices()[:1])  # the loop's logic: one device is enough
+  options = {**_options(out), **overrides}
+  return fit(ax.from_pretrained(base, mesh=mesh), functools.partial(sft_objective),
+             data.make_batches(prepared, batch_size=2, config=config),
+             train.SFTConfig(**options), mesh=mesh, steps_per_epoch=8, on_step=on_step)
+
+
+def test_lines_average_their_window_and_ctrl_c_saves_the_step_and_resumes(setup, tmp_path):
+  import signal
+
+  from alignax.train.checkpoint import Checkpointer
+
+  per_step = []
+
+  def record_and_interrupt(step, metrics):
+    per_step.append(dict(metrics))
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: lands while the loop is in the step
+
+  with pytest.raises(KeyboardInterrupt, match="stopped after step 3"):
+    _sft_fit(setup, tmp_path, max_steps=6, logging_steps=2, save_steps=100,
+             on_step=record_and_interrupt)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
+  assert Checkpointer(tmp_path).all_steps() == [3]  # the interrupted step is saved, complete
+  lines = json.load(open(tmp_path / "trainer_state.json"))["log_history"]
+  assert [h["step"] for h in lines] == [2, 3]  # the stop logs its partial window
+  # As transformers/TRL: the loss and the algorithm's metrics are the window's mean...
+  assert per_step[0]["loss"] != per_step[1]["loss"]
+  for name in ("loss", "mean_token_accuracy", "entropy"):
+    np.testing.assert_allclose(lines[0][name], (per_step[0][name] + per_step[1][name]) / 2,
+                               rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(lines[1][name], per_step[2][name], rtol=1e-6, err_msg=name)
+  # ...the learning rate and the gradient norm the latest step's.
+  for name in ("learning_rate", "grad_norm"):
+    assert lines[0][name] == per_step[1][name]
+  resumed = _sft_fit(setup, tmp_path, max_steps=4, logging_steps=2,
+                     resume_from_checkpoint="true")
+  assert [h["step"] for h in resumed.history if "loss" in h] == [2, 3, 4]

@@ -41,7 +41,8 @@ class TrainingConfig:
     weight_decay: AdamW's decoupled weight decay.
     adam_beta1, adam_beta2, adam_epsilon: Adam's constants.
     max_grad_norm: global-norm gradient clipping (0: none).
-    report_to: ``none`` | ``tensorboard`` | ``wandb`` | ``all`` (``metrics.jsonl`` is always written).
+    report_to: ``none`` | ``all`` | one or more of ``tensorboard``, ``wandb`` (``--report_to
+      tensorboard wandb``, as transformers; ``metrics.jsonl`` is always written).
     run_name: the run's name in TensorBoard / W&B.
     resume_from_checkpoint: a ``checkpoint-N`` directory, or ``true`` for the latest in
       ``output_dir``.
@@ -72,7 +73,8 @@ class TrainingConfig:
   adam_beta2: float = 0.999
   adam_epsilon: float = 1e-8
   max_grad_norm: float = 1.0
-  report_to: str = "none"
+  # A factory default: HfArgumentParser drops a plain default of a list flag (it parses None).
+  report_to: list[str] | str = dataclasses.field(default_factory=lambda: ["none"])
   run_name: str | None = None
   resume_from_checkpoint: str | None = None
   disable_tqdm: bool = False
@@ -297,14 +299,18 @@ class ModelConfig:
     tokenizer_name_or_path: where the tokenizer is (default: ``model_name_or_path``).
     model_revision: hub branch, tag or commit.
     dtype: compute dtype (``float32``, ``bfloat16``, ...); parameters and optimizer state stay fp32.
-    bf16: TRL's flag: compute in bfloat16 (same as ``dtype=bfloat16``).
+    bf16: TRL's flag: compute in bfloat16 (same as ``dtype=bfloat16``). Off by default, where
+      TRL 1.x turns it on: fp32 compute is what reproduces ``transformers``' logits exactly and
+      what a CPU runs fastest; pass ``--bf16`` on accelerators.
     attention_impl: the attention kernel (``alignax.attention``'s ``impl``).
     remat: rematerialisation policy (``full``, ``dots``, ``dots_with_no_batch_dims``).
-    gradient_checkpointing: TRL's flag: ``remat="full"`` when ``remat`` is unset.
+    gradient_checkpointing: TRL's flag: ``remat="full"`` when ``remat`` is unset. Off by default
+      (TRL 1.x: on); it trades compute for memory and changes no result.
     use_peft: train LoRA adapters instead of the full model.
     lora_r, lora_alpha: the adapters' rank and α (scale α/r).
     lora_dropout: dropout on the adapters' input; only 0 is supported by the training step.
-    lora_target_modules: projection names to adapt (None: every Llama-style projection).
+    lora_target_modules: projection names to adapt (None or PEFT's ``all-linear``: every
+      linear projection of the decoder layers, the output head excluded).
     use_rslora: the rank-stabilised scale α/√r.
     merge_adapters: also write the merged model (base + adapters) to ``output_dir/merged``.
   """
@@ -322,7 +328,9 @@ class ModelConfig:
   lora_r: int = 16
   lora_alpha: float = 32.0
   lora_dropout: float = 0.0
-  lora_target_modules: list[str] | None = None
+  # A YAML scalar may be a string. In this order HfArgumentParser reads the union as a list flag
+  # (``--lora_target_modules q_proj v_proj``).
+  lora_target_modules: list[str] | None | str = None
   use_rslora: bool = False
   merge_adapters: bool = False
 
@@ -335,6 +343,14 @@ class ModelConfig:
       raise ValueError(f"bf16=True conflicts with dtype={self.dtype!r}")
     if self.remat is not None:
       _validate.choice("remat", self.remat, REMAT_POLICIES)
+    if isinstance(self.lora_target_modules, str):  # a YAML scalar, or PEFT's string form
+      self.lora_target_modules = [self.lora_target_modules]
+    if self.lora_target_modules is not None and "all-linear" in self.lora_target_modules:
+      # PEFT's shorthand (TRL passes it through): every linear layer but the output head.
+      if len(self.lora_target_modules) > 1:
+        raise ValueError(f"lora_target_modules={self.lora_target_modules}: 'all-linear' already "
+                         "names every projection; give it alone")
+      self.lora_target_modules = None
     _validate.positive_int("lora_r", self.lora_r)
     _validate.positive("lora_alpha", self.lora_alpha)
     if self.lora_dropout != 0:

@@ -18,6 +18,9 @@ import json
 import math
 import os
 import platform
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -193,7 +196,11 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
                   desc="train", dynamic_ncols=True)
   tokens_seen = int(logger.state.num_input_tokens_seen)
   window_start, window_tokens = time.perf_counter(), 0
+  window: dict[str, float] = {}
+  window_steps = 0
+  interrupt = _StopRequest()
   try:
+    interrupt.install()
     for step in range(start + 1, max_steps + 1):
       try:
         host_batch = next(iterator)
@@ -210,29 +217,44 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
       check_finite(step, {k: metrics[k] for k in ("loss", "grad_norm")})
       tokens_seen += tokens
       window_tokens += tokens
+      for name, value in metrics.items():
+        window[name] = window.get(name, 0.0) + value
+      window_steps += 1
       progress.update(1)
-      progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('learning_rate', 0):.2e}")
+      progress.set_postfix(_progress_metrics(metrics))
       if on_step is not None:
         on_step(step, metrics)
-      if step % config.logging_steps == 0 or step == max_steps:
+      stopping = interrupt.requested
+      if step % config.logging_steps == 0 or step == max_steps or stopping:
+        # As transformers and TRL log: each metric's mean over the steps since the last line;
+        # the learning rate and gradient norm are the latest step's.
+        logged = {name: total / window_steps for name, total in window.items()}
+        logged.update({name: metrics[name] for name in _LATEST if name in metrics})
         elapsed = time.perf_counter() - window_start
-        metrics["num_tokens"] = tokens_seen
-        metrics["train_tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
+        logged["num_tokens"] = tokens_seen
+        logged["train_tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
         logger.update_state(num_input_tokens_seen=tokens_seen)
         epoch = step / steps_per_epoch if steps_per_epoch else None
-        logger.log(step, metrics, epoch=epoch)
+        logger.log(step, logged, epoch=epoch)
         window_start, window_tokens = time.perf_counter(), 0
+        window, window_steps = {}, 0
       eval_every = config.eval_steps or config.logging_steps
       if eval_fn is not None and (step % eval_every == 0 or step == max_steps):
         _sync(model, reference, state)
         logger.log(step, {f"eval_{k}": v for k, v in eval_fn(model).items()})
-      if step % config.save_steps == 0 or step == max_steps:
+      if step % config.save_steps == 0 or step == max_steps or stopping:
         logger.update_state(num_input_tokens_seen=tokens_seen)
         checkpointer.save(step, _checkpointed(state), data_state=iterator.get_state(),
                           trainer_state=logger.state_json())
+      if stopping:
+        raise KeyboardInterrupt(f"stopped after step {step}; {checkpointer.path(step)} holds it "
+                                "(--resume_from_checkpoint true continues)")
   finally:
     progress.close()
-    checkpointer.close()  # finishes in-flight saves: the last good checkpoint is complete
+    try:
+      checkpointer.close()  # finishes in-flight saves: the last good checkpoint is complete
+    finally:
+      interrupt.uninstall()  # after the wait: a first Ctrl-C in it must not break orbax's threads
     logger.save_state()
     logger.close()
 
@@ -242,6 +264,51 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
 
 
 _BATCH_TOKENS = "_batch_tokens"
+# Logged as the latest step's value, not the window's mean (transformers' Trainer does the same).
+_LATEST = ("learning_rate", "grad_norm")
+# The progress bar's metrics, those a run has: the loss, then each algorithm's headline numbers.
+_PROGRESS = ("loss", "rewards/margins", "rewards/accuracies", "accuracy", "mean_token_accuracy",
+             "kl", "learning_rate")
+
+
+def _progress_metrics(metrics: dict[str, float]) -> dict[str, str]:
+  return {name.split("/")[-1]: (f"{metrics[name]:.2e}" if name == "learning_rate"
+                                else f"{metrics[name]:.4f}")
+          for name in _PROGRESS if name in metrics}
+
+
+class _StopRequest:
+  """Ctrl-C as a request to stop between steps: the step under way finishes, a checkpoint of it
+  is saved and in-flight saves complete, then ``KeyboardInterrupt`` is raised. An interrupt that
+  lands inside orbax's save threads instead can leave them running at exit (a crash, and no
+  checkpoint of the last steps). A second Ctrl-C interrupts at once.
+
+  Only a single-process run on the main thread with Python's default handler installs it: in a
+  multi-host run one process stopping alone would leave the others waiting in a collective.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def install(self) -> None:
+    if (jax.process_count() != 1 or threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+      return
+    self._previous = signal.signal(signal.SIGINT, self._handle)
+
+  def _handle(self, signum, frame) -> None:
+    if self.requested:  # the second Ctrl-C: stop now
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      raise KeyboardInterrupt
+    self.requested = True
+    print("\ninterrupt: stopping after this step and saving a checkpoint (Ctrl-C again to stop "
+          "at once)", file=sys.stderr, flush=True)
+
+  def uninstall(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+      self._previous = None
 
 
 def _counting_tokens(step: Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]
