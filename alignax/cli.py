@@ -51,12 +51,13 @@ commands:
   grpo     group relative policy optimisation and its variants (prompt data, reward functions)
 
 other commands:
+  demo     the end-to-end demo: SFT, reward model, DPO and GRPO on a tiny model (no downloads)
   run      an experiment module: alignax run experiments/NAME.py [--set k=v] [--sweep k=a,b] [--seeds N]
 
 `alignax COMMAND --help` lists the command's flags."""
 
 # Commands that are not trainers: their module's ``main(argv)`` parses its own flags.
-TOOLS = {"run": "alignax.experiment"}
+TOOLS = {"run": "alignax.experiment", "demo": "alignax.demo"}
 
 
 class UsageError(Exception):
