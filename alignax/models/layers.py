@@ -75,6 +75,46 @@ def is_stacked(path: tuple, x: object) -> bool:
   return len(axes) > 0 and axes[0] == LAYERS
 
 
+@jax.custom_vjp
+def matmul(
+  x: Float[Array, "*b d_in"], kernel: Float[Array, "d_in d_out"]
+) -> Float[Array, "*b d_out"]:
+  """``y = x W``, with the backward written out as ``dx = dy Wᵀ`` and ``dW = xᵀ dy``.
+
+  Same values as ``jnp.dot`` and the same gradients up to summation order. The VJP is explicit
+  because XLA:CPU, given autodiff's version inside the decoder's layer scan, fused the elementwise
+  backward (SiLU, the gating product) with the read of the scan's saved activations and a transpose
+  of the ``[tokens, features]`` cotangent into loops over a transposed layout that cost more than
+  the matmuls: a 6-layer d=384 decoder's forward+backward took 7-8x its forward, 4.4x with the
+  products kept apart (``benchmarks/decoder_backward.py``). Forward-mode autodiff (``jax.jvp``)
+  through it is not defined (a ``custom_vjp``).
+
+  Args:
+    x: ``[*b, d_in]`` inputs.
+    kernel: ``[d_in, d_out]``.
+
+  Returns:
+    ``[*b, d_out]``, in the inputs' dtype.
+  """
+  return jnp.dot(x, kernel)
+
+
+def _matmul_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
+  return jnp.dot(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(residuals: tuple[Array, Array], dy: Array) -> tuple[Array, Array]:
+  x, kernel = residuals
+  dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
+  dkernel = jax.lax.dot_general(  # contracts every leading (batch, time) axis at once
+    x, dy, ((tuple(range(x.ndim - 1)), tuple(range(dy.ndim - 1))), ((), ()))
+  )
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class Linear(nnx.Module):
   """Affine projection ``y = x W (+ b)`` with an optional low-rank adapter added on top.
 
@@ -115,7 +155,7 @@ class Linear(nnx.Module):
     self.lora: nnx.Module | None = nnx.data(None)
 
   def __call__(self, x: Float[Array, "*b d_in"]) -> Float[Array, "*b d_out"]:
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     return self._finish(x, y)
 
   def effective_kernel(self) -> Float[Array, "*l d_in d_out"]:
