@@ -43,7 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import train_step_mfu  # a sibling module: benchmarks/, the script directory, is on sys.path
+# A sibling module: benchmarks/ is on sys.path when this runs as a script, not when a test loads it.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_step_mfu  # noqa: E402
+
 from alignax.kernels import token_logprobs
 from alignax.kernels.attention import attention
 

@@ -114,6 +114,8 @@ def test_num_iterations_kl_reference_and_exact_resume(setup, tmp_path):
   first, second = straight[0], straight[1]
   # One generation batch serves both updates.
   assert first["reward"] == second["reward"]
+  # ... and its tokens are counted once, not once per update.
+  assert first["num_tokens"] == second["num_tokens"] < straight[2]["num_tokens"]
   assert first["clip_ratio/region_mean"] == 0.0 and abs(first["approx_kl"]) < 1e-9
   # The second update compares against the stored old log-probs: the policy has moved.
   assert second["approx_kl"] > 1e-7

@@ -95,7 +95,7 @@ class GRPOConfig(TrainingConfig):
       ``reinforce_pp`` (REINFORCE++-baseline: group-centred, whitened over the batch's tokens).
     epsilon: lower clip of the ratio (TRL: 0.2).
     epsilon_high: upper clip (None: ``epsilon``; DAPO: 0.28); for ``cispo`` the absolute cap of the
-      IS weight (None: 5.0), as TRL reads it.
+      IS weight (None: 5.0, the layer-1 default; TRL falls back to ``epsilon``).
     num_iterations: updates per generation batch (TRL's μ), each against the stored old log-probs.
     mask_truncated_completions: completions that hit ``max_completion_length`` without a stop token
       leave the loss (DAPO's overlong filtering).
@@ -258,8 +258,11 @@ def grpo_objective(graphdef: nnx.GraphDef, *, loss_type: str = "dapo", epsilon: 
   level = "sequence" if loss_type == "gspo" else importance_sampling_level
   clip = dict(clip_eps_low=epsilon, clip_eps_high=epsilon_high)
   if policy_type == "cispo":
-    # TRL reads epsilon_high as CISPO's absolute cap on the IS weight.
-    clip = dict(clip_eps_low=epsilon, cispo_max_weight=epsilon_high or CISPO_DEFAULT_CAP)
+    # epsilon_high is CISPO's absolute cap on the IS weight (None: 5.0, where TRL falls back to
+    # epsilon itself, 0.2, which would clip almost every token).
+    cap = CISPO_DEFAULT_CAP if epsilon_high is None else epsilon_high
+    _validate.positive("epsilon_high", cap)
+    clip = dict(clip_eps_low=epsilon, cispo_max_weight=cap)
 
   def loss(params: Any, frozen: Any, batch: dict[str, Any], key: jax.Array):
     del key  # the decoder has no dropout
@@ -460,7 +463,8 @@ class _Rollout:
     if c.importance_sampling_mode.endswith("truncate"):
       weights = np.minimum(ratio, c.importance_sampling_cap)
     else:
-      weights = np.where(ratio <= c.importance_sampling_cap, 1.0, 0.0)
+      # Masking keeps the ratio where it is within the cap and drops the token (or sequence) beyond.
+      weights = np.where(ratio <= c.importance_sampling_cap, ratio, 0.0)
     return np.where(valid, weights, 0.0).astype(np.float32)
 
   def _reward_metrics(self, rewards: np.ndarray, scored: Any) -> dict[str, float]:
@@ -725,7 +729,8 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         check_finite(step, {k: metrics[k] for k in ("loss", "grad_norm")})
         metrics["time/train"] = time.perf_counter() - step_start
-        tokens_seen += round_tokens
+        if iteration == 0:  # the round's tokens are seen once, however many updates reuse them
+          tokens_seen += round_tokens
         metrics.update(round_metrics, num_tokens=tokens_seen)
         # The round's rollout is charged to its first update.
         metrics["step_time"] = metrics["time/train"] + (
