@@ -257,3 +257,13 @@ def test_the_cli_parses_trl_grpo_flags():
     "dr_grpo", 0.04, 0.28, "none")
   assert cli.main(["grpo", "--model_name_or_path", "m", "--output_dir", "out",
                    "--loss_type", "nope"]) == 2
+
+
+def test_masked_truncated_rows_leave_the_sampler_consistency_metrics(setup, tmp_path):
+  """With no stop token every completion is truncated; masked out, they have no stored log-probs,
+  so they must not count as a sampler/trainer mismatch (they did: |0 - sampler logp|)."""
+  _, history = _run(setup, _config(tmp_path, max_steps=1, logging_steps=1,
+                                   mask_truncated_completions=True))
+  assert history[0]["completions/clipped_ratio"] == 1.0
+  assert history[0]["sampling/sampling_logp_difference/max"] < 1e-4
+  assert history[0]["grad_norm"] == 0.0  # no row is left in the loss

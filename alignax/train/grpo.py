@@ -426,7 +426,8 @@ class _Rollout:
     old_logp = np.asarray(jax.device_get(self.logp_fn(state.params, state.frozen, placed)))
     timings["time/old_logp"] = time.perf_counter() - start
     sampler_logp = _aligned(np.asarray(sample.logprobs, np.float32)[rows], prompt_length, total)
-    valid = _aligned(completion_mask, prompt_length, total).astype(bool)
+    # The loss's tokens: rows masked out (truncated, refill groups) have no stored log-probs.
+    valid = _aligned(loss_tokens, prompt_length, total).astype(bool)
     difference = np.abs(old_logp - sampler_logp)[valid]
     for name, reduce in (("mean", np.mean), ("max", np.max)):
       metrics[f"sampling/sampling_logp_difference/{name}"] = (
