@@ -581,9 +581,9 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
   from alignax.data import DataConfig, make_batches, steps_per_epoch
   from alignax.train.checkpoint import Checkpointer, resolve_resume
   from alignax.train.config import ModelConfig
-  from alignax.train.logger import TRAINER_STATE_FILE, MetricsLogger
+  from alignax.train.logger import MetricsLogger
   from alignax.train.loop import (FitResult, _default_export, _on_mesh, data_parallel_size,
-                                  write_run_config)
+                                  restore_checkpoint, write_run_config)
   from alignax.train.step import check_finite, init_state
   from alignax.train.trainers import _export, _load_model, _resolve_mesh
 
@@ -685,20 +685,8 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
     if saved_step % config.num_iterations:
       raise ValueError(f"checkpoint-{saved_step} is inside a generation batch (num_iterations="
                        f"{config.num_iterations}); resume from a multiple of num_iterations")
-    saved = Checkpointer(run_dir) if run_dir != checkpointer.output_dir else checkpointer
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            state._replace(frozen=None))
-    restored = saved.restore(saved_step, abstract)
-    state = state._replace(step=restored.state.step, params=restored.state.params,
-                           opt_state=restored.state.opt_state, rng=restored.state.rng)
-    iterator.set_state(restored.data_state)
-    state_file = os.path.join(saved.path(saved_step), TRAINER_STATE_FILE)
-    if restored.trainer_state is not None:
-      metrics_logger.restore_history(restored.trainer_state)
-    elif os.path.exists(state_file):
-      metrics_logger.restore_history(state_file)
-    if saved is not checkpointer:
-      saved.close()
+    state = restore_checkpoint(state, run_dir, saved_step, checkpointer=checkpointer,
+                               iterator=iterator, logger=metrics_logger)
     start = saved_step
 
   from tqdm.auto import tqdm

@@ -172,23 +172,9 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
   start = 0
   resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
   if resume is not None:
-    run_dir, step = resume
-    saved = Checkpointer(run_dir) if run_dir != checkpointer.output_dir else checkpointer
-    abstract = _checkpointed(state)
-    restored = saved.restore(step, jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract))
-    saved_state = restored.state
-    state = state._replace(step=saved_state.step, params=saved_state.params,
-                           opt_state=saved_state.opt_state, rng=saved_state.rng)
-    iterator.set_state(restored.data_state)
-    state_file = os.path.join(saved.path(step), TRAINER_STATE_FILE)
-    if restored.trainer_state is not None:
-      logger.restore_history(restored.trainer_state)
-    elif os.path.exists(state_file):
-      logger.restore_history(state_file)
-    if saved is not checkpointer:
-      saved.close()
-    start = step
+    run_dir, start = resume
+    state = restore_checkpoint(state, run_dir, start, checkpointer=checkpointer,
+                               iterator=iterator, logger=logger)
 
   from tqdm.auto import tqdm
 
@@ -320,6 +306,27 @@ def _counting_tokens(step: Callable[[TrainState, Any], tuple[TrainState, dict[st
     return state, {**metrics, _BATCH_TOKENS: jnp.sum(batch["attention_mask"], dtype=jnp.int32)}
 
   return counted
+
+
+def restore_checkpoint(state: TrainState, run_dir: str, step: int, *, checkpointer: Checkpointer,
+                       iterator: Any, logger: MetricsLogger) -> TrainState:
+  """``state`` with ``run_dir/checkpoint-{step}``'s step, parameters, optimizer state and RNG; the
+  data iterator and the logged history restored in place. ``checkpointer`` is this run's (reused
+  when ``run_dir`` is its own output directory)."""
+  saved = Checkpointer(run_dir) if run_dir != checkpointer.output_dir else checkpointer
+  restored = saved.restore(step, jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _checkpointed(state)))
+  state = state._replace(step=restored.state.step, params=restored.state.params,
+                         opt_state=restored.state.opt_state, rng=restored.state.rng)
+  iterator.set_state(restored.data_state)
+  state_file = os.path.join(saved.path(step), TRAINER_STATE_FILE)
+  if restored.trainer_state is not None:
+    logger.restore_history(restored.trainer_state)
+  elif os.path.exists(state_file):
+    logger.restore_history(state_file)
+  if saved is not checkpointer:
+    saved.close()
+  return state
 
 
 def _sync(model: nnx.Module, reference: nnx.Module | None, state: TrainState) -> None:
