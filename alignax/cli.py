@@ -52,12 +52,13 @@ commands:
 
 other commands:
   demo     the end-to-end demo: SFT, reward model, DPO and GRPO on a tiny model (no downloads)
+  eval     reward, win rate, KL to the reference and alignment tax of a policy against a baseline
   run      an experiment module: alignax run experiments/NAME.py [--set k=v] [--sweep k=a,b] [--seeds N]
 
 `alignax COMMAND --help` lists the command's flags."""
 
 # Commands that are not trainers: their module's ``main(argv)`` parses its own flags.
-TOOLS = {"run": "alignax.experiment", "demo": "alignax.demo"}
+TOOLS = {"run": "alignax.experiment", "demo": "alignax.demo", "eval": "alignax.evaluation"}
 
 
 class UsageError(Exception):

@@ -226,7 +226,7 @@ def _alignax_worker(spec: dict, channel: _Channel) -> None:
   from alignax.sharding import make_mesh
   from alignax.train import objectives
   from alignax.train.config import TrainingConfig
-  from alignax.train.loop import _on_mesh, _place_batch, fit
+  from alignax.train.loop import place_on_mesh, _place_batch, fit
   from alignax.train.optim import make_optimizer
   from alignax.train.step import init_state, make_train_step
 
@@ -334,7 +334,7 @@ def _alignax_worker(spec: dict, channel: _Channel) -> None:
       objective = objectives.dpo_objective(graphdef, reference_graphdef=ref_graphdef, beta=0.1)
       frozen = (frozen, ref_state)
       source = host
-    state = _on_mesh(init_state(params, optimizer, frozen=frozen, seed=spec["seed"]), mesh)
+    state = place_on_mesh(init_state(params, optimizer, frozen=frozen, seed=spec["seed"]), mesh)
     step = jax.jit(make_train_step(objective, optimizer, schedule=schedule), donate_argnums=0)
     placed = [_place_batch({k: v for k, v in b.items()}, mesh, 1, objective.batch_axes)
               for b in source]

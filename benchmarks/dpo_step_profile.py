@@ -49,7 +49,7 @@ from alignax import data  # noqa: E402
 from alignax.losses.supervised import sequence_logprobs  # noqa: E402
 from alignax.sharding import make_mesh  # noqa: E402
 from alignax.train import objectives  # noqa: E402
-from alignax.train.loop import _on_mesh, _place_batch  # noqa: E402
+from alignax.train.loop import place_on_mesh, _place_batch  # noqa: E402
 from alignax.train.optim import make_optimizer  # noqa: E402
 from alignax.train.step import init_state, make_train_step  # noqa: E402
 
@@ -161,7 +161,7 @@ def main() -> None:
       graphdef, params, frozen = nnx.split(policy, nnx.Param, ...)
       rg, rs = nnx.split(ref)
       objective = objectives.dpo_objective(graphdef, reference_graphdef=rg, beta=0.1, impl=lm_impl)
-      state = _on_mesh(init_state(params, optimizer, frozen=(frozen, rs)), mesh)
+      state = place_on_mesh(init_state(params, optimizer, frozen=(frozen, rs)), mesh)
       placed = _place_batch(dict(host), mesh, 1, objective.batch_axes)
       step = jax.jit(make_train_step(objective, optimizer, schedule=schedule))  # no donation:
       # the same state is reused for every timed call

@@ -15,6 +15,7 @@ import alignax as ax
 from alignax.rewards import RewardFunctionError
 from alignax.sharding import make_mesh
 from alignax.train import grpo as grpo_module
+from alignax.train import online
 from alignax.train.config import ModelConfig
 from alignax.train.grpo import GRPO_LOSS_TYPES, GRPOConfig, grpo, grpo_objective
 from train_factories import tiny_tokenizer_and_llama
@@ -174,7 +175,7 @@ def test_every_loss_type_has_ratio_one_on_the_first_update(setup):
   ids = np.array([[0, 5, 6, 7, 8, 9], [3, 4, 5, 6, 7, 8]], np.int32)
   batch = {"input_ids": ids, "attention_mask": np.array([[0, 1, 1, 1, 1, 1]] * 2, np.int32),
            "completion_mask": np.array([[0, 0, 0, 1, 1, 1]] * 2, np.int32)}
-  old = grpo_module._stored_logprobs(graphdef, (params, rest), batch, temperature=0.7)
+  old = online.stored_logprobs(graphdef, (params, rest), batch, temperature=0.7)
   batch.update(old_logp=old, advantages=jnp.where(old != 0, jnp.array([[1.0], [-1.0]]), 0.0))
   for loss_type in GRPO_LOSS_TYPES:
     objective = grpo_objective(graphdef, loss_type=loss_type, temperature=0.7,

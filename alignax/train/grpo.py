@@ -29,25 +29,25 @@ from the checkpointed RNG and the round index, replays the same trajectory.
 
 import dataclasses
 import functools
-import json
 import logging
 import math
-import os
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from alignax import _validate
 from alignax.aggregation import masked_count
 from alignax.kl import KL_ESTIMATORS
 from alignax.train.config import TrainingConfig
+from alignax.train.online import (as_text, check_prompt_budget, completion_logprobs,
+                                  place_micro_batches, prompt_dataset, sampler_key, shard_rows,
+                                  stored_logprobs, to_token_positions, write_completions)
 from alignax.train.step import Objective, TrainState
 
 logger = logging.getLogger("alignax.train")
@@ -62,9 +62,6 @@ IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate"
 REWARD_STD_EPS = 1e-4
 # CISPO's IS-weight cap when epsilon_high is unset (ScaleRL's recommendation, TRL's default).
 CISPO_DEFAULT_CAP = 5.0
-COMPLETIONS_DIR = "completions"
-# The sampler's stream of the checkpointed RNG key: fold_in(key, stream), then the round index.
-_SAMPLER_STREAM = 0x5A3
 
 
 @dataclasses.dataclass
@@ -208,27 +205,6 @@ _AGGREGATION = {
 }
 
 
-def completion_logprobs(model: nnx.Module, batch: dict[str, Any], *, temperature: float = 1.0,
-                        impl: str = "auto"):
-  """Per-token log-probs and entropy of a batch's next tokens under ``softmax(logits / T)``.
-
-  ``alignax.train.objectives.model_logprobs`` with the sampling temperature (TRL divides the
-  training logits by it, so the ratio compares the distribution the sampler drew from).
-
-  Returns:
-    ``(TokenLogprobs over [B, L], loss mask [B, L])``.
-  """
-  from alignax.kernels import token_logprobs
-  from alignax.losses.supervised import next_token_targets
-
-  targets, loss_mask = next_token_targets(batch["input_ids"], batch["attention_mask"],
-                                          completion_mask=batch["completion_mask"])
-  hidden = model(batch["input_ids"], batch["attention_mask"], compute_logits=False).hidden_states
-  out = token_logprobs(hidden, model.get_lm_head(), targets, mask=loss_mask,
-                       temperature=temperature, impl=impl)
-  return out, loss_mask
-
-
 def grpo_objective(graphdef: nnx.GraphDef, *, loss_type: str = "dapo", epsilon: float = 0.2,
                    epsilon_high: float | None = None, beta: float = 0.0,
                    kl_estimator: str = "k3", importance_sampling_level: str = "token",
@@ -304,37 +280,6 @@ def _group_std(rewards: np.ndarray) -> np.ndarray:
   return rewards.std(axis=-1, ddof=1)
 
 
-def _shard_rows(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """Host arrays (one host) as global arrays whose rows are split over ``(data, fsdp)``."""
-  def place(x):
-    spec = PartitionSpec(("data", "fsdp"), *([None] * (x.ndim - 1)))
-    return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), np.asarray(x))
-
-  return {k: place(v) for k, v in batch.items()}
-
-
-def _place_micro_batches(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
-                         accumulation: int) -> dict[str, jax.Array]:
-  """``[B, ...]`` host arrays -> ``[k, B/k, ...]`` global arrays, rows over ``(data, fsdp)``."""
-  from alignax.train.step import split_micro_batches
-
-  micro = split_micro_batches(batch, accumulation)
-
-  def place(x):
-    spec = PartitionSpec(None, ("data", "fsdp"), *([None] * (x.ndim - 2)))
-    return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x)
-
-  return {k: place(v) for k, v in micro.items()}
-
-
-def _aligned(per_completion: np.ndarray, prompt_length: int, total: int) -> np.ndarray:
-  """``[N, M]`` values of completion tokens -> ``[N, L]`` in next-token alignment: token ``j`` of a
-  completion sits at position ``prompt_length + j`` and is scored at the position before it."""
-  out = np.zeros((per_completion.shape[0], total), per_completion.dtype)
-  out[:, prompt_length - 1:prompt_length - 1 + per_completion.shape[1]] = per_completion
-  return out
-
-
 def _select_groups(rewards: np.ndarray, prompts_kept: int) -> tuple[np.ndarray, np.ndarray]:
   """DAPO's dynamic sampling with a static batch: of the ``P_drawn`` groups of ``rewards`` (raw,
   ``[P_drawn, G]``), the rows ``[P_kept·G]`` of ``prompts_kept`` groups, informative ones first
@@ -349,10 +294,6 @@ def _select_groups(rewards: np.ndarray, prompts_kept: int) -> tuple[np.ndarray, 
   keep = np.asarray(select_informative_groups(rewards, k=prompts_kept))
   informative = np.asarray(informative_group_mask(rewards))[keep]
   return (keep[:, None] * group + np.arange(group)).reshape(-1), informative
-
-
-def _text(x: Any) -> str:
-  return x if isinstance(x, str) else json.dumps(x)
 
 
 class _Rollout:
@@ -422,17 +363,17 @@ class _Rollout:
     token_advantages = token_advantages.reshape(loss_tokens.shape).astype(np.float32)
 
     start = time.perf_counter()
-    placed = _shard_rows(batch, self.mesh)
+    placed = shard_rows(batch, self.mesh)
     old_logp = np.asarray(jax.device_get(self.logp_fn(state.params, state.frozen, placed)))
     timings["time/old_logp"] = time.perf_counter() - start
-    sampler_logp = _aligned(np.asarray(sample.logprobs, np.float32)[rows], prompt_length, total)
+    sampler_logp = to_token_positions(np.asarray(sample.logprobs, np.float32)[rows], prompt_length, total)
     # The loss's tokens: rows masked out (truncated, refill groups) have no stored log-probs.
-    valid = _aligned(loss_tokens, prompt_length, total).astype(bool)
+    valid = to_token_positions(loss_tokens, prompt_length, total).astype(bool)
     difference = np.abs(old_logp - sampler_logp)[valid]
     for name, reduce in (("mean", np.mean), ("max", np.max)):
       metrics[f"sampling/sampling_logp_difference/{name}"] = (
         float(reduce(difference)) if difference.size else 0.0)
-    advantages = _aligned(token_advantages, prompt_length, total)
+    advantages = to_token_positions(token_advantages, prompt_length, total)
     if c.importance_sampling_correction:
       weights = self._importance_weights(old_logp, sampler_logp, valid)
       metrics.update({f"sampling/importance_sampling_ratio/{name}": float(fn(weights[valid]))
@@ -447,7 +388,7 @@ class _Rollout:
 
     metrics.update(timings)
     metrics.update(self._length_metrics(lengths[rows], stopped))
-    table = [{"prompt": _text(prompt_values[r // group]), "completion": completions[r],
+    table = [{"prompt": as_text(prompt_values[r // group]), "completion": completions[r],
               "reward": float(rewards.reshape(-1)[i]),
               **{f"rewards/{name}": (None if np.isnan(v) else float(v))
                  for name, v in zip(scored.names, np.asarray(scored.per_source)[r])},
@@ -493,22 +434,6 @@ class _Rollout:
 # --- the trainer -------------------------------------------------------------------------------
 
 
-def _sampler_key(state: TrainState, round_index: int) -> jax.Array:
-  key = jax.random.wrap_key_data(jax.device_get(state.rng))
-  return jax.random.fold_in(jax.random.fold_in(key, _SAMPLER_STREAM), round_index)
-
-
-def _check_prompt_budget(dataset: Any, *, max_completion_length: int, limit: int) -> None:
-  for index, example in enumerate(dataset.examples):
-    length = len(example["prompt_ids"])
-    if length + max_completion_length > limit:
-      raise ValueError(
-        f"prompt {index} has {length} tokens; with max_completion_length={max_completion_length} "
-        f"that is {length + max_completion_length} positions, more than the model's "
-        f"max_position_embeddings={limit}; set DataConfig.max_prompt_length (at most "
-        f"{limit - max_completion_length}) or lower max_completion_length")
-
-
 def _reward_runner(config: GRPOConfig, reward_funcs: Any, *, tokenizer: Any,
                    mesh: jax.sharding.Mesh) -> Any:
   from alignax.rewards import RewardRunner
@@ -528,24 +453,6 @@ def _reward_runner(config: GRPOConfig, reward_funcs: Any, *, tokenizer: Any,
                      "--reward_model_name_or_path")
   return RewardRunner(sources, weights=config.reward_weights, timeout=config.reward_timeout,
                       max_completion_len=config.max_completion_length)
-
-
-def _prompt_dataset(train_dataset: Any, data: Any, tokenizer: Any) -> Any:
-  from alignax.data import DataConfig, PreparedDataset, load_dataset, load_rows, prepare_dataset
-
-  if isinstance(train_dataset, PreparedDataset):
-    dataset = train_dataset
-  elif train_dataset is not None:
-    dataset = prepare_dataset(load_rows(list(train_dataset)), tokenizer, task="prompt",
-                              config=data or DataConfig())
-  elif data is not None:
-    dataset = load_dataset(data, tokenizer, task="prompt")
-  else:
-    raise ValueError("grpo needs prompts: pass train_dataset (rows with a 'prompt' column, or a "
-                     "PreparedDataset of task 'prompt') or data=DataConfig(dataset_name=...)")
-  if dataset.task != "prompt":
-    raise ValueError(f"grpo trains on 'prompt' data, got a {dataset.task!r} dataset")
-  return dataset
 
 
 def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer: Any = None,
@@ -582,17 +489,17 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
   from alignax.train.checkpoint import Checkpointer, resolve_resume
   from alignax.train.config import ModelConfig
   from alignax.train.logger import MetricsLogger
-  from alignax.train.loop import (FitResult, _default_export, _on_mesh, data_parallel_size,
+  from alignax.train.loop import (FitResult, default_export, place_on_mesh, data_parallel_size,
                                   restore_checkpoint, write_run_config)
   from alignax.train.step import check_finite, init_state
-  from alignax.train.trainers import _export, _load_model, _resolve_mesh
+  from alignax.train.trainers import load_model, make_export, resolve_mesh
 
   if not isinstance(config, GRPOConfig):
     raise ValueError(f"grpo takes a GRPOConfig, got {type(config).__name__}")
   if jax.process_count() > 1:
     raise ValueError("grpo runs on a single host: its rollout gathers the generation batch on "
                      f"the host, and this run has {jax.process_count()} processes")
-  mesh = _resolve_mesh(mesh)
+  mesh = resolve_mesh(mesh)
   data = data or DataConfig()
   trainable: Any = nnx.Param
   export = None
@@ -608,8 +515,8 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
     if tokenizer is None:
       tokenizer = load_tokenizer(model_config.tokenizer_name_or_path
                                  or model_config.model_name_or_path)
-    dataset = _prompt_dataset(train_dataset, data, tokenizer)
-    model = _load_model(model_config.model_name_or_path, model_config, mesh=mesh, head=None,
+    dataset = prompt_dataset(train_dataset, data, tokenizer)
+    model = load_model(model_config.model_name_or_path, model_config, mesh=mesh, head=None,
                         seed=config.seed)
     if model_config.use_peft:
       apply_lora(model, LoRAConfig(rank=model_config.lora_r, alpha=model_config.lora_alpha,
@@ -620,16 +527,16 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
                  rngs=nnx.Rngs(config.seed))
       trainable = LoRAParam
     if config.beta > 0 and reference is None and not model_config.use_peft:
-      reference = _load_model(model_config.ref_model_name_or_path
+      reference = load_model(model_config.ref_model_name_or_path
                               or model_config.model_name_or_path, model_config, mesh=mesh,
                               head=None, seed=config.seed)
-    export = _export(model_config, tokenizer)
+    export = make_export(model_config, tokenizer)
   else:
     if tokenizer is None:
       raise ValueError("tokenizer is required with a model instance: the reward functions read "
                        "decoded completions")
-    dataset = _prompt_dataset(train_dataset, data, tokenizer)
-  _check_prompt_budget(dataset, max_completion_length=config.max_completion_length,
+    dataset = prompt_dataset(train_dataset, data, tokenizer)
+  check_prompt_budget(dataset, max_completion_length=config.max_completion_length,
                        limit=model.config.max_position_embeddings)
   runner = _reward_runner(config, reward_funcs, tokenizer=tokenizer, mesh=mesh)
 
@@ -653,10 +560,10 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
   if not jax.tree.leaves(params):
     raise ValueError(f"trainable={trainable!r} selects no parameter of the model")
   optimizer, step_fn = _compiled_step(graphdef, _StepKey.of(config, max_steps))
-  state = _on_mesh(init_state(params, optimizer, frozen=frozen, seed=config.seed), mesh)
+  state = place_on_mesh(init_state(params, optimizer, frozen=frozen, seed=config.seed), mesh)
 
   def logp_fn(params, frozen, batch):
-    return _stored_logprobs(graphdef, (params, frozen), batch, temperature=config.temperature)
+    return stored_logprobs(graphdef, (params, frozen), batch, temperature=config.temperature)
 
   reference_fn = None if config.beta == 0 else _reference_fn(
     graphdef, reference, trainable=trainable, model=model, temperature=config.temperature)
@@ -706,10 +613,10 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
                          "lower max_steps") from None
       round_start = time.perf_counter()
       batch, round_metrics, table = rollout(model, state, prompts,
-                                            _sampler_key(state, round_index),
+                                            sampler_key(state, round_index),
                                             prompts_per_step, step)
       round_tokens = int(batch["attention_mask"].sum())
-      placed = _place_micro_batches(batch, mesh, config.gradient_accumulation_steps)
+      placed = place_micro_batches(batch, mesh, config.gradient_accumulation_steps)
       round_metrics["time/rollout"] = time.perf_counter() - round_start
       for iteration in range(config.num_iterations):
         step += 1
@@ -732,7 +639,7 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
           metrics_logger.update_state(num_input_tokens_seen=tokens_seen)
           metrics_logger.log(step, metrics)
           if config.log_completions and main:
-            _write_completions(config.output_dir, step, table)
+            write_completions(config.output_dir, step, table)
         if step % config.save_steps == 0 or step == max_steps:
           metrics_logger.update_state(num_input_tokens_seen=tokens_seen)
           checkpointer.save(step, state._replace(frozen=None), data_state=iterator.get_state(),
@@ -747,7 +654,7 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
       close()
 
   nnx.update(model, state.params, state.frozen)
-  (export or _default_export(tokenizer))(model, config.output_dir)
+  (export or default_export(tokenizer))(model, config.output_dir)
   return FitResult(model=model, state=state, history=list(metrics_logger.state.log_history))
 
 
@@ -811,36 +718,10 @@ def _reference_fn(graphdef: nnx.GraphDef, reference: nnx.Module | None, *, train
   from alignax.models import LoRAParam
 
   if reference is None and trainable is LoRAParam:
-    return lambda state, batch: _stored_logprobs(graphdef, (state.params, state.frozen), batch,
+    return lambda state, batch: stored_logprobs(graphdef, (state.params, state.frozen), batch,
                                                  temperature=temperature, adapters_off=True)
   ref_graphdef, ref_state = nnx.split(reference if reference is not None else model)
   # Copied: the policy's buffers are donated to the first step and would vanish under the reference.
   ref_state = jax.tree.map(jnp.copy, ref_state)
-  return lambda state, batch: _stored_logprobs(ref_graphdef, (ref_state,), batch,
+  return lambda state, batch: stored_logprobs(ref_graphdef, (ref_state,), batch,
                                                temperature=temperature)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "adapters_off"))
-def _stored_logprobs(graphdef: nnx.GraphDef, states: tuple, batch: dict[str, jax.Array], *,
-                     temperature: float, adapters_off: bool = False) -> jax.Array:
-  """Log-probs ``[B, L]`` of a batch's completion tokens (0 elsewhere), no gradient: the old and
-  reference log-probs of a rollout. Jitted at module level, so runs with the same model structure
-  and shapes share the compiled program."""
-  from alignax.models.lora import lora_disabled
-
-  model = nnx.merge(graphdef, *states)
-  if adapters_off:
-    model = lora_disabled(model)
-  out, mask = completion_logprobs(model, batch, temperature=temperature)
-  return jnp.where(mask, out.logp, 0.0)
-
-
-def _write_completions(output_dir: str, step: int, table: Sequence[dict[str, Any]]) -> str:
-  """``output_dir/completions/completions_{step:06d}.jsonl``: one row per completion."""
-  directory = os.path.join(output_dir, COMPLETIONS_DIR)
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, f"completions_{step:06d}.jsonl")
-  with open(path, "w") as f:
-    for row in table:
-      f.write(json.dumps({"step": step, **row}) + "\n")
-  return path

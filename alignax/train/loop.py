@@ -151,7 +151,7 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
     weight_decay=config.weight_decay, adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
     adam_epsilon=config.adam_epsilon, max_grad_norm=config.max_grad_norm,
   )
-  state = _on_mesh(init_state(params, optimizer, frozen=frozen, seed=config.seed), mesh)
+  state = place_on_mesh(init_state(params, optimizer, frozen=frozen, seed=config.seed), mesh)
   objective = objective_fn(graphdef, **objective_options)
   step_fn = jax.jit(_counting_tokens(make_train_step(objective, optimizer, schedule=schedule)),
                     donate_argnums=0)
@@ -245,7 +245,7 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
     logger.close()
 
   _sync(model, reference, state)
-  (export or _default_export(tokenizer))(model, config.output_dir)
+  (export or default_export(tokenizer))(model, config.output_dir)
   return FitResult(model=model, state=state, history=list(logger.state.log_history))
 
 
@@ -339,7 +339,7 @@ def _sync(model: nnx.Module, reference: nnx.Module | None, state: TrainState) ->
   nnx.update(model, state.params, frozen)
 
 
-def _on_mesh(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+def place_on_mesh(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   """Every array on ``mesh``: those already there keep their layout (parameters, Adam moments),
   the rest (step counters, the RNG key) are replicated, so one jitted step takes them all."""
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -358,7 +358,7 @@ def _checkpointed(state: TrainState) -> TrainState:
   return state._replace(frozen=None)
 
 
-def _default_export(tokenizer: Any) -> Callable[[nnx.Module, str], None]:
+def default_export(tokenizer: Any) -> Callable[[nnx.Module, str], None]:
   def export(model: nnx.Module, output_dir: str) -> None:
     from alignax.models import save_pretrained
 

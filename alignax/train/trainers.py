@@ -115,13 +115,13 @@ def _load_data(data: DataConfig, tokenizer: Any, *, task: str, split: str) -> Pr
   return dataset
 
 
-def _resolve_mesh(mesh: MeshConfig | jax.sharding.Mesh | None) -> jax.sharding.Mesh:
+def resolve_mesh(mesh: MeshConfig | jax.sharding.Mesh | None) -> jax.sharding.Mesh:
   if isinstance(mesh, jax.sharding.Mesh):
     return mesh
   return (mesh or MeshConfig()).make_mesh()
 
 
-def _load_model(path: str, model: ModelConfig, *, mesh: jax.sharding.Mesh, head: str | None,
+def load_model(path: str, model: ModelConfig, *, mesh: jax.sharding.Mesh, head: str | None,
                 seed: int) -> nnx.Module:
   from alignax.models import from_pretrained
 
@@ -206,7 +206,7 @@ def make_evaluator(objective_fn: Callable[..., Any], dataset: PreparedDataset, *
   return evaluate
 
 
-def _export(model_config: ModelConfig, tokenizer: Any) -> Callable[[nnx.Module, str], None]:
+def make_export(model_config: ModelConfig, tokenizer: Any) -> Callable[[nnx.Module, str], None]:
   def export(model: nnx.Module, output_dir: str) -> None:
     from alignax.models import merge_lora, save_lora, save_pretrained
 
@@ -293,7 +293,7 @@ def run(algorithm: str, config: TrainingConfig, *, model: ModelConfig, data: Dat
     raise ValueError("use_peft=True is not supported for the reward model: its new score head "
                      "must train with the adapters, and the PEFT export writes adapters only; "
                      "train the full model")
-  device_mesh = _resolve_mesh(mesh)
+  device_mesh = resolve_mesh(mesh)
   tokenizer = load_tokenizer(model.tokenizer_name_or_path or model.model_name_or_path)
   # The data first: a bad row stops the run before any model is loaded.
   train = (_load_data(data, tokenizer, task=spec.task, split="train") if train_dataset is None
@@ -304,7 +304,7 @@ def run(algorithm: str, config: TrainingConfig, *, model: ModelConfig, data: Dat
   if config.eval_strategy != "no":
     test = (_load_data(data, tokenizer, task=spec.task, split="test") if eval_dataset is None
             else eval_dataset)
-  policy = _load_model(model.model_name_or_path, model, mesh=device_mesh, head=spec.head,
+  policy = load_model(model.model_name_or_path, model, mesh=device_mesh, head=spec.head,
                        seed=config.seed)
   trainable: Any = nnx.Param
   if model.use_peft:
@@ -320,7 +320,7 @@ def run(algorithm: str, config: TrainingConfig, *, model: ModelConfig, data: Dat
   reference = None
   if spec.reference and not getattr(config, "reference_free", False):
     if not model.use_peft:
-      reference = _load_model(model.ref_model_name_or_path or model.model_name_or_path, model,
+      reference = load_model(model.ref_model_name_or_path or model.model_name_or_path, model,
                               mesh=device_mesh, head=None, seed=config.seed)
     if config.precompute_ref_log_probs:
       from alignax.train.reference import precompute_reference_logps
@@ -358,7 +358,7 @@ def run(algorithm: str, config: TrainingConfig, *, model: ModelConfig, data: Dat
 
   result = fit(policy, objective_fn, batches, config, mesh=device_mesh,
                steps_per_epoch=max(1, epoch_steps), trainable=trainable, reference=reference,
-               tokenizer=tokenizer, export=_export(model, tokenizer), eval_fn=eval_fn)
+               tokenizer=tokenizer, export=make_export(model, tokenizer), eval_fn=eval_fn)
   _record(config.output_dir, algorithm, model, data, mesh)
   return result
 
