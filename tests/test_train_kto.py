@@ -209,3 +209,36 @@ def test_kl_rows_run_no_backward_pass(setup):
 
   ratio = flops("kto") / flops("apo_zero_unpaired")
   assert 1.3 < ratio < 1.7, ratio
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_accumulated_metrics_are_the_whole_batchs_means_over_their_own_rows(setup, loss_type):
+  # Desirable rows first: the first micro-batch holds most of them, the second few or none, so a
+  # row-weighted average of per-micro-batch means (the old step) halves rewards/chosen.
+  from alignax.train.step import init_state, make_train_step, split_micro_batches
+
+  _, base, _, _ = setup
+  policy, reference = _moved_policy_and_reference(base)
+  batch = _batch(setup)
+  order = np.argsort(~np.asarray(batch["label"], bool), kind="stable")
+  batch = {k: v[order] for k, v in batch.items()}
+  graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
+  ref_graphdef, ref_state = nnx.split(reference)
+  objective = kto_objective(graphdef, reference_graphdef=ref_graphdef, beta=0.3,
+                            loss_type=loss_type)
+  step = jax.jit(make_train_step(objective, optax_sgd()))
+  state = init_state(params, optax_sgd(), frozen=(rest, ref_state))
+  _, whole = step(state, split_micro_batches(batch, 1))
+  _, split = step(state, split_micro_batches(batch, 2))
+  names = ["rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+           "logps/rejected", "entropy"]
+  if loss_type == "apo_zero_unpaired":  # z0 = 0: the loss itself is the same too
+    names.append("loss")
+  for name in names:
+    np.testing.assert_allclose(split[name], whole[name], rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+def optax_sgd():
+  import optax
+
+  return optax.sgd(1e-3)

@@ -148,3 +148,26 @@ def test_resume_after_a_crash_logs_the_same_losses_bitwise(setup, tmp_path):
   state = json.load(open(tmp_path / "resumed" / "trainer_state.json"))
   assert [h["step"] for h in state["log_history"]] == [1, 2, 3, 4, 5, 6]
 
+
+
+def test_per_sequence_loss_keeps_token_mean_metrics_exact_under_accumulation(setup):
+  # The second micro-batch's rows keep one completion token each: its token means weigh far less
+  # than its rows, which the loss (a per-sequence mean) counts equally.
+  import optax
+
+  from alignax.train.step import init_state, make_train_step, split_micro_batches
+
+  _, base, config, _, heldout = setup
+  batch = {k: np.array(v) for k, v in
+           next(iter(data.make_batches(heldout, batch_size=8, config=config))).items()}
+  for row in range(4, 8):
+    first = int(np.argmax(batch["completion_mask"][row]))
+    batch["completion_mask"][row, first + 1:] = 0
+  graphdef, params, frozen = nnx.split(ax.from_pretrained(base), nnx.Param, ...)
+  objective = sft_objective(graphdef, loss_agg_mode="seq_mean_token_mean")
+  step = jax.jit(make_train_step(objective, optax.sgd(1e-3)))
+  state = init_state(params, optax.sgd(1e-3), frozen=frozen)
+  _, whole = step(state, split_micro_batches(batch, 1))
+  _, split = step(state, split_micro_batches(batch, 2))
+  for name in ("loss", "entropy", "mean_token_logprob", "mean_token_accuracy"):
+    np.testing.assert_allclose(split[name], whole[name], rtol=2e-5, atol=2e-5, err_msg=name)

@@ -52,6 +52,10 @@ def model_logprobs(model: nnx.Module, batch: dict[str, Any], *, impl: str = "aut
   return token_logprobs(hidden, model.get_lm_head(), targets, mask=loss_mask, impl=impl), loss_mask
 
 
+# SFT's metrics: means over loss tokens, whatever unit the loss averages over.
+_SFT_TOKEN_METRICS = ("entropy", "mean_token_logprob", "mean_token_accuracy")
+
+
 def sft_objective(graphdef: nnx.GraphDef, *, loss_agg_mode: str = "token_mean",
                   max_len: int | None = None, impl: str = "auto") -> Objective:
   """Supervised fine-tuning: the NLL of completion tokens (all tokens without a completion mask).
@@ -74,15 +78,18 @@ def sft_objective(graphdef: nnx.GraphDef, *, loss_agg_mode: str = "token_mean",
                "mean_token_accuracy": masked_mean(out.target_is_top1.astype(jnp.float32), mask)}
     return value, jax.lax.stop_gradient(metrics)
 
-  def weight(batch: dict[str, Any]) -> jax.Array:
+  def loss_tokens(batch: dict[str, Any]) -> jax.Array:
     _, mask = next_token_targets(batch["input_ids"], batch["attention_mask"],
                                  completion_mask=batch.get("completion_mask"),
                                  segment_ids=batch.get("segment_ids"))
-    if per_sequence:  # the seq_* modes average over every row, empty ones included
-      return jnp.asarray(mask.shape[0], jnp.float32)
     return masked_count(mask)
 
-  return Objective(loss=loss, weight=weight)
+  if per_sequence:  # the seq_* modes average over every row, empty ones included; the metrics
+    # stay token means over the whole batch
+    return Objective(loss=loss, weight=lambda batch: jnp.asarray(batch["input_ids"].shape[0],
+                                                                 jnp.float32),
+                     metric_weights={name: loss_tokens for name in _SFT_TOKEN_METRICS})
+  return Objective(loss=loss, weight=loss_tokens)
 
 
 def reward_objective(graphdef: nnx.GraphDef, *, center_rewards_coefficient: float | None = None
@@ -258,9 +265,10 @@ def kto_objective(graphdef: nnx.GraphDef, *, reference_graphdef: nnx.GraphDef | 
     ``kl`` (:math:`z_0`), ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
     ``logps/chosen``, ``logps/rejected`` (means over the desirable / undesirable rows of each
     micro-batch, 0 where there are none) and ``entropy`` (token mean over completion tokens).
-    With gradient accumulation the step averages these per-micro-batch means by rows (the loss's
-    weight), so they equal the whole batch's only for one micro-batch per step: a micro-batch
-    with no desirable row adds its 0 to ``rewards/chosen``.
+    With gradient accumulation the step averages each over micro-batches by its own count
+    (desirable rows, undesirable rows, completion tokens), and ``rewards/margins`` is chosen minus
+    rejected of those averages, so every metric is the whole batch's; ``kl`` stays the row-weighted
+    mean of the per-micro-batch :math:`z_0` (the loss's own estimate).
 
   Raises:
     ValueError: a bad ``loss_type``, ``beta`` or weight; at trace time, no reference (as
@@ -320,7 +328,23 @@ def kto_objective(graphdef: nnx.GraphDef, *, reference_graphdef: nnx.GraphDef | 
     entropy = masked_mean(out.entropy, mask[:rows])
     return value, {**metrics, "entropy": jax.lax.stop_gradient(entropy)}
 
-  return Objective(loss=loss, weight=_row_count)
+  def desirable(batch):
+    return jnp.sum(batch["label"].astype(jnp.float32))
+
+  def undesirable(batch):
+    return jnp.sum(1.0 - batch["label"].astype(jnp.float32))
+
+  def completion_tokens(batch):
+    return jnp.sum(next_token_targets(batch["input_ids"], batch["attention_mask"],
+                                      completion_mask=batch["completion_mask"])[1])
+
+  def margins(metrics):
+    return {**metrics, "rewards/margins": metrics["rewards/chosen"] - metrics["rewards/rejected"]}
+
+  return Objective(loss=loss, weight=_row_count, finalize_metrics=margins,
+                   metric_weights={"rewards/chosen": desirable, "logps/chosen": desirable,
+                                   "rewards/rejected": undesirable,
+                                   "logps/rejected": undesirable, "entropy": completion_tokens})
 
 
 def _reference_free_objective(graphdef: nnx.GraphDef, loss_fn, *, impl: str = "auto",

@@ -44,11 +44,20 @@ class Objective(NamedTuple):
       only, so it is known before any forward pass).
     batch_axes: the axis that indexes rows, per batch key (default 0 for every key); preference
       batches are ``[2, B, T]`` (chosen, rejected) with their rows on axis 1.
+    metric_weights: ``metric name -> (micro_batch -> scalar)`` for a metric that is a mean over
+      another unit than the loss's (KTO's ``rewards/chosen`` over desirable rows, SFT's token
+      means under a per-sequence loss): the step averages it over micro-batches with these
+      counts, so it is the whole batch's mean. Other metrics use ``weight``.
+    finalize_metrics: ``metrics -> metrics`` applied to the batch-averaged metrics, for a metric
+      that is a function of others (KTO's ``rewards/margins`` = chosen − rejected), which an
+      average of per-micro-batch values would get wrong.
   """
 
   loss: Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, Metrics]]
   weight: Callable[[Any], jax.Array]
   batch_axes: Mapping[str, int] | None = None
+  metric_weights: Mapping[str, Callable[[Any], jax.Array]] | None = None
+  finalize_metrics: Callable[[Metrics], Metrics] | None = None
 
 
 class TrainState(NamedTuple):
@@ -147,7 +156,7 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    out = {name: jnp.sum(shares * value) for name, value in metrics.items()}
+    out = _average_metrics(objective, batch, shares, metrics)
     out["loss"] = jnp.sum(shares * losses)
     out["grad_norm"] = global_norm(grads)
     if schedule is not None:
@@ -157,6 +166,22 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
     return new_state, out
 
   return step
+
+
+def _average_metrics(objective: Objective, batch: Any, shares: jax.Array,
+                     metrics: Metrics) -> Metrics:
+  """Per-micro-batch metrics ``[k]`` -> the batch's: weighted by the loss's shares, or by the
+  objective's own count for the metrics it names."""
+  own = objective.metric_weights or {}
+  out = {}
+  for name, value in metrics.items():
+    if name in own:
+      counts = jax.vmap(own[name])(batch).astype(jnp.float32)
+      total = jnp.sum(counts)
+      out[name] = jnp.sum(counts * value) / jnp.where(total > 0, total, 1.0)
+    else:
+      out[name] = jnp.sum(shares * value)
+  return objective.finalize_metrics(out) if objective.finalize_metrics is not None else out
 
 
 def make_eval_step(objective: Objective
