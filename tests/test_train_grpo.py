@@ -17,7 +17,8 @@ from alignax.sharding import make_mesh
 from alignax.train import grpo as grpo_module
 from alignax.train import online
 from alignax.train.config import ModelConfig
-from alignax.train.grpo import GRPO_LOSS_TYPES, GRPOConfig, grpo, grpo_objective
+from alignax.train.grpo import (GRPO_LOSS_TYPES, GRPOConfig, GRPOOptionsWarning, grpo,
+                                grpo_objective)
 from train_factories import tiny_tokenizer_and_llama
 
 PROMPTS = [{"prompt": f"count {i} apples"} for i in range(16)]
@@ -71,7 +72,9 @@ def test_grpo_learns_a_rule_based_reward_without_a_reference(setup, tmp_path, mo
   start, end = np.mean(rewards[:3]), np.mean(rewards[-3:])
   assert start < 0.7 and end > 0.85 and end - start > 0.25, rewards
 
-  for m in history:
+  updated = [m for m in history if "skipped_updates" not in m]
+  assert len(updated) >= 12  # a converged round (every group agrees) skips its update
+  for m in updated:
     # num_iterations=1: every update is the first on its generation batch, so pi == pi_old.
     assert m["clip_ratio/region_mean"] == 0.0
     assert abs(m["approx_kl"]) < 1e-9
@@ -85,6 +88,13 @@ def test_grpo_learns_a_rule_based_reward_without_a_reference(setup, tmp_path, mo
                "time/generation", "time/reward", "time/train", "step_time", "loss", "grad_norm"}
   logged = [entry for entry in result.history if "reward" in entry]
   assert [entry["step"] for entry in logged] == [4, 8, 12, 16]
+  # A line holds its window's means (it held the last step's values), and the latest num_tokens.
+  for line, window in zip(logged, np.split(np.arange(16), 4)):
+    np.testing.assert_allclose(line["reward"], np.mean([history[i]["reward"] for i in window]),
+                               rtol=1e-6)
+    np.testing.assert_allclose(
+      line["completions/mean_length"],
+      np.mean([history[i]["completions/mean_length"] for i in window]), rtol=1e-6)
   assert trl_names <= set(logged[-1])
   # No stop token: every completion runs to max_completion_length.
   assert logged[-1]["completions/mean_length"] == 8.0
@@ -258,13 +268,230 @@ def test_the_cli_parses_trl_grpo_flags():
     "dr_grpo", 0.04, 0.28, "none")
   assert cli.main(["grpo", "--model_name_or_path", "m", "--output_dir", "out",
                    "--loss_type", "nope"]) == 2
+  config, *_ = cli.parse("grpo", [
+    "--model_name_or_path", "m", "--output_dir", "out", "--num_generations", "4",
+    "--per_device_train_batch_size", "8", "--importance_sampling_level", "sequence",
+    "--loss_type", "grpo", "--epsilon", "0.001", "--reward_funcs", "soft_overlong_punishment",
+    "--soft_punish_cache", "4", "--reward_timeout", "5", "--reward_on_timeout", "none"])
+  assert (config.ratio_level, config.clip_range, config.soft_punish_cache,
+          config.reward_on_timeout) == ("sequence", (0.001, None), 4, "none")
 
 
 def test_masked_truncated_rows_leave_the_sampler_consistency_metrics(setup, tmp_path):
   """With no stop token every completion is truncated; masked out, they have no stored log-probs,
   so they must not count as a sampler/trainer mismatch (they did: |0 - sampler logp|)."""
   _, history = _run(setup, _config(tmp_path, max_steps=1, logging_steps=1,
-                                   mask_truncated_completions=True))
+                                   mask_truncated_completions=True,
+                                   importance_sampling_correction=True))
   assert history[0]["completions/clipped_ratio"] == 1.0
   assert history[0]["sampling/sampling_logp_difference/max"] < 1e-4
-  assert history[0]["grad_norm"] == 0.0  # no row is left in the loss
+  # No token left to weigh: the importance-ratio statistics are 0, not a crash on an empty array.
+  assert history[0]["sampling/importance_sampling_ratio/max"] == 0.0
+  # No row is left in the loss: the update is skipped, not taken with a zero gradient.
+  assert history[0]["skipped_updates"] == 1.0 and "grad_norm" not in history[0]
+
+
+# --- defects of the last review, each with the case that exposed it ----------------------------
+
+
+def _runner_output(per_source, names=("a", "b")):
+  """A RewardRunner's output for per-source rewards [N, S] (None: the source skipped it)."""
+  from alignax.rewards import RewardRunner
+
+  def source(column):
+    def score(completions, **kwargs):
+      return [row[column] for row in per_source]
+    score.__name__ = names[column]
+    return score
+
+  with pytest.warns(UserWarning, match="returned None"):
+    return RewardRunner([source(i) for i in range(len(names))])(
+      ["p0", "p1"], [f"c{i}" for i in range(len(per_source))], num_generations=4)
+
+
+def test_a_completion_no_reward_scored_is_out_of_the_group_statistics():
+  """Every source returned None for completions 1 and 5: TRL gives them reward NaN, leaves them
+  out of the group mean and std, and zeroes their advantage (they got reward 0 and an advantage)."""
+  per_source = [[1.0, None], [None, None], [0.0, 0.5], [2.0, None],
+                [None, 1.0], [None, None], [0.0, None], [3.0, 0.0]]
+  scored = _runner_output(per_source)
+  rewards = grpo_module._rewards(scored).reshape(2, 4)
+  assert np.isnan(rewards[0, 1]) and np.isnan(rewards[1, 1])
+  mask = np.ones((2, 4, 3), bool)
+  advantages = grpo_module._advantages(rewards, mask, _config("unused"))
+  assert np.isfinite(advantages).all()
+  np.testing.assert_array_equal(advantages[:, 1], 0.0)
+  for p in range(2):
+    kept = [0, 2, 3]
+    expected = ax.group_advantages(rewards[p, kept][None], scale="group", eps=1e-4)[0]
+    np.testing.assert_allclose(advantages[p, kept, 0], expected, rtol=1e-5)
+  metrics = grpo_module._reward_metrics(rewards, scored)
+  scorable = rewards[~np.isnan(rewards)]
+  np.testing.assert_allclose(metrics["reward"], scorable.mean(), rtol=1e-6)
+  # reward_std is TRL's: the std over the batch of rewards, not the mean of the group stds.
+  np.testing.assert_allclose(metrics["reward_std"], scorable.std(ddof=1), rtol=1e-6)
+  assert metrics["rewards/all_none_count"] == 2.0
+
+
+def test_reward_std_is_the_std_over_the_batch():
+  """TRL logs nanstd(rewards) over the batch whatever scale_rewards is (it was the mean group
+  std)."""
+  import types
+
+  rewards = np.array([[0.0, 1.0], [4.0, 5.0]], np.float32)
+  metrics = grpo_module._reward_metrics(rewards, types.SimpleNamespace(metrics={}))
+  np.testing.assert_allclose(metrics["reward_std"], np.std([0, 1, 4, 5], ddof=1), rtol=1e-6)
+  assert metrics["frac_reward_zero_std"] == 0.0 and metrics["reward"] == 2.5
+
+
+def test_estimators_scale_as_their_papers_and_meaningless_combinations_are_named():
+  rewards = np.array([[1.0, 0.0, 0.0, 0.5], [2.0, 2.0, 0.0, 1.0]], np.float32)
+  mask = np.ones((2, 4, 3), bool)
+
+  def advantages(**options):
+    return grpo_module._advantages(rewards, mask, _config("unused", **options))[..., 0]
+
+  # RLOO: the leave-one-out baseline, no std scaling unless asked (it divided by the group std).
+  np.testing.assert_allclose(advantages(advantage_estimator="rloo"),
+                             ax.group_advantages(rewards, scale="none", leave_one_out=True),
+                             rtol=1e-6)
+  group_std = rewards.std(axis=-1, ddof=1, keepdims=True)
+  loo = ax.group_advantages(rewards, scale="none", leave_one_out=True)
+  np.testing.assert_allclose(advantages(advantage_estimator="rloo", scale_rewards="group"),
+                             loo / (group_std + 1e-4), rtol=1e-5)
+  # TRL's RLOO normalize_advantages: a z-score of the advantages over the batch.
+  np.testing.assert_allclose(advantages(advantage_estimator="rloo", scale_rewards="batch"),
+                             (loo - loo.mean()) / (loo.std(ddof=1) + 1e-4), rtol=1e-5)
+  # GRPO keeps its group std by default.
+  np.testing.assert_allclose(advantages(), ax.group_advantages(rewards, eps=1e-4), rtol=1e-5)
+  # REINFORCE++-baseline: group-centred, whitened over the batch's tokens; nothing else.
+  np.testing.assert_allclose(
+    grpo_module._advantages(rewards, mask, _config("unused", advantage_estimator="reinforce_pp")),
+    ax.reinforce_pp_advantages(ax.group_advantages(rewards, scale="none"), mask), rtol=1e-5,
+    atol=1e-6)
+  for scale in ("group", "none"):
+    with pytest.raises(ValueError, match=f"scale_rewards='{scale}' has no REINFORCE"):
+      _config("unused", advantage_estimator="reinforce_pp", scale_rewards=scale)
+
+
+def test_the_clip_range_follows_the_ratio_level_and_incoherent_levels_warn():
+  import warnings
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # the defaults and GSPO's recipe are coherent: no warning
+    default = _config("unused")
+    gspo = _config("unused", loss_type="gspo")
+    recipe = _config("unused", loss_type="grpo", importance_sampling_level="sequence")
+  assert default.clip_range == (0.2, None) and default.ratio_level == "token"
+  # A sequence ratio moves ~1e-3 where token ratios move ~0.2: GSPO's 3e-4 / 4e-4 (it kept 0.2).
+  assert gspo.clip_range == recipe.clip_range == (3e-4, 4e-4)
+  assert gspo.ratio_level == recipe.ratio_level == "sequence"
+  key = grpo_module._StepKey.of(gspo, max_steps=4)  # what the compiled objective is built with
+  assert (key.epsilon, key.epsilon_high, key.importance_sampling_level) == (3e-4, 4e-4, "sequence")
+  assert _config("unused", loss_type="gspo", epsilon=0.1).clip_range == (0.1, None)
+  assert _config("unused", epsilon=0.1, epsilon_high=0.28).clip_range == (0.1, 0.28)
+
+  with pytest.warns(GRPOOptionsWarning, match="weights every completion's clipped term by its"):
+    _config("unused", importance_sampling_level="sequence")  # with dapo's token sum
+  with pytest.warns(GRPOOptionsWarning, match="'sequence_truncate' or 'sequence_mask'"):
+    _config("unused", loss_type="gspo", importance_sampling_correction=True)
+  with pytest.raises(ValueError, match="loss_type='gspo' is the sequence-level ratio"):
+    _config("unused", loss_type="gspo", importance_sampling_level="token")
+
+
+def test_overlong_punishment_and_timeouts_are_reachable_from_the_config():
+  import time
+
+  def hangs(completions, **kwargs):
+    time.sleep(2)
+    return [1.0] * len(completions)
+
+  config = _config("unused", reward_funcs=["soft_overlong_punishment"], soft_punish_cache=2,
+                   reward_timeout=0.2, reward_on_timeout="none")
+  runner = grpo_module._reward_runner(config, None, tokenizer=None, mesh=None)
+  # max_completion_length=8 is the budget, the last 2 tokens the ramp.
+  out = runner(["p"], ["a", "b"], [[5] * 8, [5] * 7], num_generations=2)
+  np.testing.assert_allclose(out.rewards, [-1.0, -0.5])
+  runner = grpo_module._reward_runner(config, [hangs], tokenizer=None, mesh=None)
+  with pytest.warns(UserWarning, match="returned None"):
+    out = runner(["p"], ["a", "b"], [[5], [5]], num_generations=2)
+  assert out.metrics["rewards/hangs/timeouts"] == 1.0 and out.all_none.all()
+  with pytest.raises(ValueError, match="soft_punish_cache must be an int in"):
+    _config("unused", soft_punish_cache=9)
+
+
+def test_the_entropy_bonus_is_the_token_mean_whatever_the_aggregation(setup):
+  """TRL's bonus is the mean entropy per completion token for every loss type; it was aggregated
+  like the policy term (sums over M for dr_grpo, a mean of per-sequence means for grpo). And the
+  token means among the metrics are averaged over micro-batches by tokens, not rows."""
+  from flax import nnx
+
+  from alignax.train.step import _average_metrics
+
+  _, base, _ = setup
+  graphdef, params, rest = nnx.split(ax.from_pretrained(base), nnx.Param, ...)
+  ids = np.array([[0, 5, 6, 7, 8, 9], [3, 4, 5, 6, 7, 8]], np.int32)
+  batch = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+           "completion_mask": np.array([[0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1]], np.int32)}
+  old = online.stored_logprobs(graphdef, (params, rest), batch, temperature=1.0)
+  batch.update(old_logp=np.asarray(old), advantages=np.where(np.asarray(old) != 0, 1.0, 0.0))
+  assert (np.asarray(old) != 0).sum(axis=1).tolist() == [4, 2]  # unequal lengths
+  key = jax.random.key(0)
+  for loss_type, extra in (("dr_grpo", {}),
+                           # the rollout's entropy_norm: rows / loss tokens
+                           ("grpo", {"entropy_norm": np.full(2, 2 / 6, np.float32)})):
+    batch.update(extra)
+    objective = grpo_objective(graphdef, loss_type=loss_type, entropy_coef=0.5,
+                               max_completion_length=4)
+    value, metrics = objective.loss(params, rest, batch, key)
+    # beta=0: the loss is the policy term minus the bonus, which must be the coefficient times
+    # the token mean of the entropy (the metric).
+    np.testing.assert_allclose(float(metrics["policy_loss"] - value),
+                               0.5 * float(metrics["entropy"]), rtol=1e-5, err_msg=loss_type)
+
+  # Two micro-batches of one row each, as accumulation splits the generation batch: with
+  # entropy_norm the shares add up to the whole batch's loss.
+  micro = {k: np.stack([v[:1], v[1:]]) for k, v in batch.items()}
+  outs = [objective.loss(params, rest, {k: v[i] for k, v in micro.items()}, key) for i in range(2)]
+  shares = jnp.array([0.5, 0.5])  # per-sequence weights: one row each
+  np.testing.assert_allclose(float(outs[0][0] + outs[1][0]) / 2, float(value), rtol=1e-5)
+  averaged = _average_metrics(objective, micro, shares,
+                              {k: jnp.stack([o[1][k] for o in outs]) for k in metrics})
+  for name in ("entropy", "approx_kl", "clip_ratio/region_mean"):
+    np.testing.assert_allclose(float(averaged[name]), float(metrics[name]), rtol=2e-6,
+                               atol=1e-9, err_msg=name)
+
+
+def test_a_round_with_nothing_to_learn_skips_the_optimizer_and_logp_is_micro_batched(
+    setup, tmp_path, monkeypatch):
+  """Every group agrees (a constant reward, beta=0): the update would be a zero gradient, yet AdamW
+  moved its moments, its bias correction and (weight decay) the weights. And the old log-probs
+  run over the training's micro-batches, not the whole generation batch at once."""
+  shapes = []
+  micro_batched = grpo_module.micro_batched_logprobs
+
+  def spy(graphdef, states, batch, **options):
+    shapes.append(batch["input_ids"].shape)
+    return micro_batched(graphdef, states, batch, **options)
+
+  monkeypatch.setattr(grpo_module, "micro_batched_logprobs", spy)
+  tokenizer, base, mesh = setup
+  model = ax.from_pretrained(base, mesh=mesh)
+  from flax import nnx
+
+  before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+  config = _config(tmp_path, max_steps=2, logging_steps=2, weight_decay=0.1,
+                   per_device_train_batch_size=4, gradient_accumulation_steps=2)
+  result = grpo(config, model=model, reward_funcs=[lambda completions, **k: [1.0] * len(
+    completions)], tokenizer=tokenizer, train_dataset=PROMPTS, mesh=mesh)
+  # 2 rounds, each [2 micro-batches, 8 rows (4 completions x 2 devices), L].
+  assert len(shapes) == 2 and all(s[:2] == (2, 8) for s in shapes), shapes
+  line = [h for h in result.history if "reward" in h][-1]
+  assert line["skipped_updates"] == 2.0 and "loss" not in line
+  assert line["frac_reward_zero_std"] == 1.0
+  assert int(result.state.step) == 2
+  counts = [x for x in jax.tree.leaves(result.state.opt_state) if np.ndim(x) == 0]
+  assert counts and all(int(c) == 0 for c in counts)  # Adam never stepped
+  after = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a, b)

@@ -7,24 +7,29 @@ Each round (Shao et al. 2024, "DeepSeekMath", Alg. 1):
 1. ``P`` prompts from the data (``task="prompt"``), ``G = num_generations`` completions each from
    :func:`alignax.sampling.generate` with the current policy (rows ``p·G + g``);
 2. rewards from :class:`alignax.rewards.RewardRunner` (TRL's reward-function contract, reward
-   models, weights), ``[P, G]``; with ``dynamic_sampling`` more prompts are drawn and the groups
-   whose rewards all agree are dropped (DAPO, :func:`alignax.select_informative_groups`), refilled
-   to a static ``P``;
-3. advantages: :func:`alignax.group_advantages` (``grpo``; ``rloo`` with the leave-one-out baseline)
-   or :func:`alignax.reinforce_pp_advantages` on group-centred scores (``reinforce_pp``);
-4. the behaviour policy's log-probs recomputed by the training forward (``old_logp``, stored),
-   the sampler's own log-probs compared with them
+   models, weights), ``[P, G]``; a completion every source returned None for is unscorable (NaN,
+   as in TRL); with ``dynamic_sampling`` more prompts are drawn and the groups whose rewards all
+   agree are dropped (DAPO, :func:`alignax.select_informative_groups`), refilled to a static ``P``;
+3. advantages (:func:`_advantages`): the group baseline (``grpo``), the leave-one-out one
+   (``rloo``) or REINFORCE++-baseline's whitening (``reinforce_pp``), with the scaling each
+   estimator's recipe uses unless ``scale_rewards`` says otherwise; unscorable completions are
+   left out of every statistic and get advantage 0;
+4. the behaviour policy's log-probs recomputed by the training forward over the training's
+   micro-batches (``old_logp``, stored), the sampler's own log-probs compared with them
    (``sampling/sampling_logp_difference/{mean,max}``) and, optionally, a truncated importance
    weight over that difference; the reference's log-probs when ``beta > 0`` (with ``beta == 0``
    no reference exists and none is evaluated). Both sides use
    ``softmax(logits / temperature)``; with ``top_k`` / ``top_p`` / ``min_p`` the sampler's
    log-probs are under the filtered, renormalised distribution and the difference shows it;
 5. ``num_iterations`` optimizer steps of :func:`grpo_objective` (:func:`alignax.grpo_loss` with the
-   ``loss_type``'s aggregation) through the engine's exact-accumulation step.
+   ``loss_type``'s aggregation) through the engine's exact-accumulation step; a round with nothing
+   to learn from (no loss token, or every advantage 0 with no KL or entropy term) skips them
+   rather than step AdamW with a zero gradient (``skipped_updates``).
 
-An optimizer step is one update; a round spans ``num_iterations`` of them, and checkpoints are taken
-at round boundaries only, so a resumed run regenerates nothing and, with the sampler's key derived
-from the checkpointed RNG and the round index, replays the same trajectory.
+The rounds run in :func:`alignax.train.online.run_rounds`, the loop PPO shares: an optimizer step
+is one update; a round spans ``num_iterations`` of them, and checkpoints are taken at round
+boundaries only, so a resumed run regenerates nothing and, with the sampler's key derived from the
+checkpointed RNG and the round index, replays the same trajectory.
 """
 
 import dataclasses
@@ -33,6 +38,7 @@ import logging
 import math
 import time
 import types
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -45,9 +51,9 @@ from alignax import _validate
 from alignax.aggregation import masked_count
 from alignax.kl import KL_ESTIMATORS
 from alignax.train.config import TrainingConfig
-from alignax.train.online import (as_text, check_prompt_budget, completion_logprobs,
-                                  place_micro_batches, prompt_dataset, sampler_key, shard_rows,
-                                  stored_logprobs, to_token_positions, write_completions)
+from alignax.train.online import (Round, as_text, check_prompt_budget, completion_logprobs,
+                                  micro_batched_logprobs, place_micro_batches, prompt_dataset,
+                                  run_rounds, to_token_positions)
 from alignax.train.step import Objective, TrainState
 
 logger = logging.getLogger("alignax.train")
@@ -58,10 +64,23 @@ SCALE_REWARDS = ("group", "batch", "none")
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+REWARD_ON_TIMEOUT = ("error", "none")
 # TRL's std epsilon of the group normalisation (verl uses 1e-6, OpenRLHF 1e-9).
 REWARD_STD_EPS = 1e-4
 # CISPO's IS-weight cap when epsilon_high is unset (ScaleRL's recommendation, TRL's default).
 CISPO_DEFAULT_CAP = 5.0
+# The clip range (epsilon, epsilon_high) when unset, by ratio level: PPO/GRPO's 0.2 for a token
+# ratio; for GSPO's sequence ratio, a geometric mean of token ratios that stays within about 1e-3
+# of 1, the GSPO paper's (Zheng et al. 2025, Sec. 5.1) and TRL's GSPO recipe's 3e-4 / 4e-4.
+DEFAULT_CLIP = {"token": (0.2, None), "sequence": (3e-4, 4e-4)}
+# The reward scaling of each advantage estimator when scale_rewards is unset (see GRPOConfig).
+DEFAULT_SCALE = {"grpo": "group", "rloo": "none", "reinforce_pp": "batch"}
+# The loss types whose aggregation sums a sequence's tokens (so weights it by its length).
+_TOKEN_AGGREGATED = ("dapo", "bnpo", "cispo", "dr_grpo")
+
+
+class GRPOOptionsWarning(UserWarning):
+  """A combination of GRPO options that runs but mixes levels (sequence vs token) incoherently."""
 
 
 @dataclasses.dataclass
@@ -86,12 +105,23 @@ class GRPOConfig(TrainingConfig):
       of token means) | ``bnpo`` (token mean; equal to ``dapo`` under exact accumulation) |
       ``dr_grpo`` (token sums over ``max_completion_length``) | ``gspo`` (sequence-level ratio,
       ``grpo``'s aggregation) | ``cispo`` (capped IS weight, token mean).
-    importance_sampling_level: ``token`` or ``sequence`` (GSPO; implied by ``loss_type="gspo"``).
-    scale_rewards: ``group`` | ``batch`` | ``none`` (Dr. GRPO): the std the advantages divide by.
+    importance_sampling_level: ``token`` or ``sequence`` (GSPO's ratio, the geometric mean of a
+      completion's token ratios); None: ``sequence`` for ``loss_type="gspo"``, else ``token``.
+      A sequence ratio with a token-summing loss type (``dapo``, ``bnpo``, ``cispo``,
+      ``dr_grpo``) weights each completion's term by its length and warns (GSPO averages per
+      sequence: ``loss_type="grpo"`` or ``"gspo"``).
+    scale_rewards: what the advantages divide by: ``group`` (the group's reward std, GRPO) |
+      ``batch`` (the batch's: GRPO's group mean with the batch std, TRL's ``batch``; RLOO's
+      advantages z-scored over the batch, TRL's RLOO ``normalize_advantages``; REINFORCE++'s
+      whitening over the batch's tokens) | ``none`` (Dr. GRPO; RLOO as in its paper). None: the
+      estimator's own, ``group`` for ``grpo``, ``none`` for ``rloo``, ``batch`` for
+      ``reinforce_pp`` (which allows nothing else: its recipe is the global whitening).
     advantage_estimator: ``grpo`` (group mean baseline) | ``rloo`` (leave-one-out baseline) |
       ``reinforce_pp`` (REINFORCE++-baseline: group-centred, whitened over the batch's tokens).
-    epsilon: lower clip of the ratio (TRL: 0.2).
-    epsilon_high: upper clip (None: ``epsilon``; DAPO: 0.28); for ``cispo`` the absolute cap of the
+    epsilon: lower clip of the ratio; None: 0.2 for a token ratio (TRL), 3e-4 for a sequence ratio
+      (GSPO's, whose ratio is a per-token geometric mean and moves far less).
+    epsilon_high: upper clip; None: ``epsilon`` when that is set, else 0.2 for a token ratio and
+      4e-4 for a sequence ratio (DAPO's clip-higher: 0.28); for ``cispo`` the absolute cap of the
       IS weight (None: 5.0, the layer-1 default; TRL falls back to ``epsilon``).
     num_iterations: updates per generation batch (TRL's μ), each against the stored old log-probs.
     mask_truncated_completions: completions that hit ``max_completion_length`` without a stop token
@@ -101,6 +131,10 @@ class GRPOConfig(TrainingConfig):
     reward_weights: one weight per reward source (functions first, then reward models).
     reward_model_name_or_path: reward models (alignax or HF ``*ForSequenceClassification``).
     reward_timeout: seconds per reward-function call (None: no limit).
+    reward_on_timeout: ``error`` (a call that overruns ``reward_timeout`` stops the run) or
+      ``none`` (it scores None for the whole call, counted in ``rewards/{name}/timeouts``).
+    soft_punish_cache: the ramp length in tokens of the ``soft_overlong_punishment`` reward
+      function (TRL's name; DAPO's overlong buffer), whose budget is ``max_completion_length``.
     dynamic_sampling: DAPO's dynamic sampling: generate for ``dynamic_sampling_oversample`` times
       the prompts and keep the groups whose rewards differ first.
     dynamic_sampling_oversample: the over-sampling factor (>= 2).
@@ -110,7 +144,9 @@ class GRPOConfig(TrainingConfig):
     importance_sampling_mode: ``token_truncate`` | ``token_mask`` | ``sequence_truncate`` |
       ``sequence_mask`` (sequence: the sum of the token log-ratios).
     importance_sampling_cap: the ratio's upper bound (TRL's ``vllm_importance_sampling_cap``).
-    entropy_coef: entropy bonus coefficient.
+    entropy_coef: entropy bonus coefficient; the bonus is the mean entropy per completion token of
+      the whole generation batch for every ``loss_type`` (TRL), not rescaled by the loss's
+      aggregation.
     log_completions: write completions with their rewards to ``output_dir/completions/`` every
       ``logging_steps``.
   """
@@ -127,12 +163,13 @@ class GRPOConfig(TrainingConfig):
   beta: float = 0.0
   kl_estimator: str = dataclasses.field(default="k3", metadata={"choices": KL_ESTIMATORS})
   loss_type: str = dataclasses.field(default="dapo", metadata={"choices": GRPO_LOSS_TYPES})
-  importance_sampling_level: str = dataclasses.field(
-    default="token", metadata={"choices": IMPORTANCE_SAMPLING_LEVELS})
-  scale_rewards: str = dataclasses.field(default="group", metadata={"choices": SCALE_REWARDS})
+  importance_sampling_level: str | None = dataclasses.field(
+    default=None, metadata={"choices": IMPORTANCE_SAMPLING_LEVELS})
+  scale_rewards: str | None = dataclasses.field(default=None,
+                                                metadata={"choices": SCALE_REWARDS})
   advantage_estimator: str = dataclasses.field(default="grpo",
                                                metadata={"choices": ADVANTAGE_ESTIMATORS})
-  epsilon: float = 0.2
+  epsilon: float | None = None
   epsilon_high: float | None = None
   num_iterations: int = 1
   mask_truncated_completions: bool = False
@@ -140,6 +177,9 @@ class GRPOConfig(TrainingConfig):
   reward_weights: list[float] | None = None
   reward_model_name_or_path: list[str] | None = None
   reward_timeout: float | None = None
+  reward_on_timeout: str = dataclasses.field(default="error",
+                                             metadata={"choices": REWARD_ON_TIMEOUT})
+  soft_punish_cache: int | None = None
   dynamic_sampling: bool = False
   dynamic_sampling_oversample: int = 2
   importance_sampling_correction: bool = False
@@ -185,14 +225,69 @@ class GRPOConfig(TrainingConfig):
     _validate.positive("importance_sampling_cap", self.importance_sampling_cap)
     if self.reward_timeout is not None:
       _validate.positive("reward_timeout", self.reward_timeout)
+    if self.soft_punish_cache is not None and (
+        isinstance(self.soft_punish_cache, bool) or not isinstance(self.soft_punish_cache, int)
+        or not 0 <= self.soft_punish_cache <= self.max_completion_length):
+      raise ValueError(f"soft_punish_cache must be an int in [0, max_completion_length="
+                       f"{self.max_completion_length}], got {self.soft_punish_cache!r}")
     for name, choices in (("kl_estimator", KL_ESTIMATORS), ("loss_type", GRPO_LOSS_TYPES),
-                          ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS),
-                          ("scale_rewards", SCALE_REWARDS),
                           ("advantage_estimator", ADVANTAGE_ESTIMATORS),
-                          ("importance_sampling_mode", IMPORTANCE_SAMPLING_MODES)):
+                          ("importance_sampling_mode", IMPORTANCE_SAMPLING_MODES),
+                          ("reward_on_timeout", REWARD_ON_TIMEOUT)):
       _validate.choice(name, getattr(self, name), choices)
+    for name, choices in (("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS),
+                          ("scale_rewards", SCALE_REWARDS)):
+      if getattr(self, name) is not None:
+        _validate.choice(name, getattr(self, name), choices)
     if self.loss_type == "gspo" and self.importance_sampling_level == "token":
-      self.importance_sampling_level = "sequence"
+      raise ValueError("loss_type='gspo' is the sequence-level ratio; importance_sampling_level="
+                       "'token' contradicts it (use loss_type='grpo' for token ratios)")
+    if self.advantage_estimator == "reinforce_pp" and self.scale_rewards not in (None, "batch"):
+      raise ValueError(
+        f"advantage_estimator='reinforce_pp' whitens the group-centred rewards over the batch's "
+        f"tokens (scale_rewards='batch', its only scaling); scale_rewards={self.scale_rewards!r} "
+        "has no REINFORCE++ meaning (for group-centred advantages without whitening use "
+        "advantage_estimator='grpo', scale_rewards='none')")
+    self._warn_incoherent_levels()
+
+  @property
+  def ratio_level(self) -> str:
+    """The importance-ratio level the loss uses (``importance_sampling_level`` resolved)."""
+    if self.importance_sampling_level is not None:
+      return self.importance_sampling_level
+    return "sequence" if self.loss_type == "gspo" else "token"
+
+  @property
+  def clip_range(self) -> tuple[float, float | None]:
+    """``(epsilon, epsilon_high)`` resolved: unset values take the ratio level's defaults
+    (:data:`DEFAULT_CLIP`); an unset ``epsilon_high`` follows a set ``epsilon`` (TRL)."""
+    low, high = DEFAULT_CLIP[self.ratio_level]
+    if self.epsilon is not None:
+      low, high = self.epsilon, None
+    return low, self.epsilon_high if self.epsilon_high is not None else high
+
+  @property
+  def reward_scale(self) -> str:
+    """``scale_rewards`` resolved for the advantage estimator (:data:`DEFAULT_SCALE`)."""
+    if self.scale_rewards is not None:
+      return self.scale_rewards
+    return DEFAULT_SCALE[self.advantage_estimator]
+
+  def _warn_incoherent_levels(self) -> None:
+    if self.ratio_level != "sequence":
+      # A token ratio with a sequence-level sampler correction (TRL's own default) is coherent:
+      # the product of a completion's token ratios is the sequence's probability ratio.
+      return
+    if self.loss_type in _TOKEN_AGGREGATED:
+      warnings.warn(GRPOOptionsWarning(
+        f"a sequence-level ratio (GSPO) with loss_type={self.loss_type!r}, which sums each "
+        "completion's tokens, weights every completion's clipped term by its length; GSPO "
+        "averages per sequence: loss_type='grpo' or 'gspo'"), stacklevel=3)
+    if self.importance_sampling_correction and self.importance_sampling_mode.startswith("token"):
+      warnings.warn(GRPOOptionsWarning(
+        f"a sequence-level ratio (GSPO) clips whole completions, but importance_sampling_mode="
+        f"{self.importance_sampling_mode!r} weights their tokens differently; use "
+        "'sequence_truncate' or 'sequence_mask'"), stacklevel=3)
 
 
 # --- layer 3: the objective over a stored generation batch ---------------------------------------
@@ -205,6 +300,12 @@ _AGGREGATION = {
 }
 
 
+# Token means among grpo_loss's metrics: averaged over micro-batches by their completion tokens,
+# so they are the generation batch's token means under a per-sequence loss too.
+_TOKEN_MEAN_METRICS = ("entropy", "kl", "approx_kl", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                       "clip_ratio/region_mean", "cispo_clip_ratio")
+
+
 def grpo_objective(graphdef: nnx.GraphDef, *, loss_type: str = "dapo", epsilon: float = 0.2,
                    epsilon_high: float | None = None, beta: float = 0.0,
                    kl_estimator: str = "k3", importance_sampling_level: str = "token",
@@ -213,7 +314,7 @@ def grpo_objective(graphdef: nnx.GraphDef, *, loss_type: str = "dapo", epsilon: 
   r"""GRPO's loss over one micro-batch of a stored generation batch (layer 3).
 
   .. math:: \mathcal{L} = \mathrm{agg}\big[\ell^{clip}(r_{i,t}, A_{i,t}) + \beta\,
-            \widehat{\mathrm{KL}}(\pi_\theta\|\pi_{ref})_{i,t}\big],\quad
+            \widehat{\mathrm{KL}}(\pi_\theta\|\pi_{ref})_{i,t}\big] - c_H\,\bar H,\quad
             r_{i,t} = \pi_\theta(o_{i,t})/\pi_{old}(o_{i,t}),
 
   :func:`alignax.grpo_loss` with the aggregation, ratio level and clip of ``loss_type`` (see
@@ -222,6 +323,12 @@ def grpo_objective(graphdef: nnx.GraphDef, *, loss_type: str = "dapo", epsilon: 
   layout; completion tokens in the loss), ``old_logp`` (the behaviour policy's, from the rollout),
   ``advantages`` (per token, importance weights folded in) and ``ref_logp`` when ``beta > 0``.
 
+  The entropy bonus :math:`\bar H` is the mean entropy per completion token of the whole
+  generation batch whatever the aggregation (TRL's semantics: ``entropy_coef`` means the same for
+  every ``loss_type``). Under a per-sequence weight its share of a micro-batch comes from the
+  batch's ``entropy_norm`` (``[B]``, every row the generation batch's rows over its loss tokens,
+  written by the rollout); without it the micro-batch is taken as the whole batch.
+
   The micro-batch weight is its number of completion tokens (token-mean types) or of rows
   (sequence-mean types), so accumulation gives the whole generation batch's loss.
   """
@@ -229,6 +336,7 @@ def grpo_objective(graphdef: nnx.GraphDef, *, loss_type: str = "dapo", epsilon: 
   from alignax.losses.supervised import next_token_targets
 
   _validate.choice("loss_type", loss_type, GRPO_LOSS_TYPES)
+  _validate.non_negative("entropy_coef", entropy_coef)
   agg_mode, unit = _AGGREGATION[loss_type]
   policy_type = "cispo" if loss_type == "cispo" else "clip"
   level = "sequence" if loss_type == "gspo" else importance_sampling_level
@@ -240,79 +348,180 @@ def grpo_objective(graphdef: nnx.GraphDef, *, loss_type: str = "dapo", epsilon: 
     _validate.positive("epsilon_high", cap)
     clip = dict(clip_eps_low=epsilon, cispo_max_weight=cap)
 
+  def loss_tokens(batch: dict[str, Any]) -> jax.Array:
+    _, mask = next_token_targets(batch["input_ids"], batch["attention_mask"],
+                                 completion_mask=batch["completion_mask"])
+    return mask
+
   def loss(params: Any, frozen: Any, batch: dict[str, Any], key: jax.Array):
     del key  # the decoder has no dropout
     model = nnx.merge(graphdef, params, frozen)
     out, mask = completion_logprobs(model, batch, temperature=temperature, impl=impl)
-    return grpo_loss(out.logp, batch["old_logp"], batch["advantages"], mask,
-                     ref_logp=batch["ref_logp"] if beta > 0 else None, beta=beta,
-                     kl_estimator=kl_estimator, loss_agg_mode=agg_mode,
-                     max_len=max_completion_length, importance_level=level,
-                     loss_type=policy_type, entropy=out.entropy, entropy_coef=entropy_coef, **clip)
+    # The entropy goes in for the metric only; the bonus is added below at its own scale (the
+    # layer-1 loss would aggregate it like the policy term).
+    value, metrics = grpo_loss(out.logp, batch["old_logp"], batch["advantages"], mask,
+                               ref_logp=batch["ref_logp"] if beta > 0 else None, beta=beta,
+                               kl_estimator=kl_estimator, loss_agg_mode=agg_mode,
+                               max_len=max_completion_length, importance_level=level,
+                               loss_type=policy_type, entropy=out.entropy, **clip)
+    if entropy_coef > 0:
+      entropy_sum = jnp.sum(jnp.where(mask, out.entropy, 0.0))
+      tokens = jnp.maximum(masked_count(mask), 1.0)
+      if unit == "rows" and "entropy_norm" in batch:
+        # share-weighted over micro-batches of b rows each, S_i * (B / N) / b sums to S / N.
+        bonus = entropy_sum * batch["entropy_norm"][0] / batch["input_ids"].shape[0]
+      else:  # token-weighted micro-batches: their token means combine into the batch's
+        bonus = entropy_sum / tokens
+      value = value - entropy_coef * bonus
+    return value, metrics
 
   def weight(batch: dict[str, Any]) -> jax.Array:
     if unit == "rows":
       return jnp.asarray(batch["input_ids"].shape[0], jnp.float32)
-    _, mask = next_token_targets(batch["input_ids"], batch["attention_mask"],
-                                 completion_mask=batch["completion_mask"])
-    return masked_count(mask)
+    return masked_count(loss_tokens(batch))
 
-  return Objective(loss=loss, weight=weight)
+  def token_count(batch: dict[str, Any]) -> jax.Array:
+    return masked_count(loss_tokens(batch))
+
+  return Objective(loss=loss, weight=weight,
+                   metric_weights={name: token_count for name in _TOKEN_MEAN_METRICS})
 
 
 # --- rollout: generation, rewards, advantages, stored log-probs ----------------------------------
 
 
+def _nanstd(x: np.ndarray, axis: int | None = None, keepdims: bool = False) -> np.ndarray:
+  """Bessel-corrected std over the non-NaN entries (TRL's ``nanstd``): NaN with fewer than two."""
+  count = np.sum(~np.isnan(x), axis=axis, keepdims=True)
+  safe = np.where(np.isnan(x), 0.0, x)
+  mean = np.sum(safe, axis=axis, keepdims=True) / np.maximum(count, 1)
+  squares = np.sum(np.where(np.isnan(x), 0.0, (x - mean) ** 2), axis=axis, keepdims=True)
+  std = np.where(count > 1, np.sqrt(squares / np.maximum(count - 1, 1)), np.nan)
+  return std if keepdims else np.squeeze(std, axis=axis)
+
+
+def _centred(rewards: np.ndarray, *, leave_one_out: bool) -> np.ndarray:
+  """``[P, G]`` rewards (NaN: unscorable) minus their baseline among the group's scorable ones:
+  the mean, or with ``leave_one_out`` the mean of the others (RLOO); 0 where unscorable or where
+  no baseline exists (a group with one scorable completion under leave-one-out)."""
+  scorable = ~np.isnan(rewards)
+  count = scorable.sum(axis=-1, keepdims=True)
+  total = np.where(scorable, rewards, 0.0).sum(axis=-1, keepdims=True)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    if leave_one_out:
+      centred = rewards - (total - rewards) / (count - 1)
+    else:
+      centred = rewards - total / count
+  return np.where(scorable & np.isfinite(centred), centred, 0.0)
+
+
 def _advantages(rewards: np.ndarray, completion_mask: np.ndarray, config: GRPOConfig
                 ) -> np.ndarray:
-  """Per-token advantages ``[P, G, M]`` from rewards ``[P, G]``."""
-  from alignax.advantages import group_advantages, reinforce_pp_advantages
+  r"""Per-token advantages ``[P, G, M]`` from rewards ``[P, G]`` (NaN: a completion no reward
+  source scored, or one left out of the loss).
 
+  Unscorable completions are left out of every statistic (group means, stds, the batch's) and
+  get advantage 0, as in TRL. ``scale_rewards`` (:attr:`GRPOConfig.reward_scale`):
+
+  * ``grpo``: :math:`(R - \bar R_g)/(s + 10^{-4})` with ``s`` the group's (``group``) or batch's
+    (``batch``) reward std, or no division (``none``); a group with fewer than two scorable
+    completions has no std and gets 0 (TRL's NaN advantage, zeroed);
+  * ``rloo``: :math:`R_i - \frac{1}{n-1}\sum_{j \ne i} R_j`; ``group`` divides by the group's
+    reward std, ``batch`` z-scores the advantages over the batch (TRL's RLOO
+    ``normalize_advantages``);
+  * ``reinforce_pp``: group-centred rewards whitened over the batch's loss tokens
+    (:func:`alignax.reinforce_pp_advantages`).
+  """
+  from alignax.advantages import reinforce_pp_advantages
+
+  rewards = np.asarray(rewards, np.float64)
+  scorable = ~np.isnan(rewards)
+  scale = config.reward_scale
   if config.advantage_estimator == "reinforce_pp":
-    centred = group_advantages(rewards, scale="none")
-    return np.asarray(reinforce_pp_advantages(centred, completion_mask.astype(bool)))
-  seq = group_advantages(rewards, scale=config.scale_rewards,
-                         leave_one_out=config.advantage_estimator == "rloo", eps=REWARD_STD_EPS)
-  return np.broadcast_to(np.asarray(seq)[..., None], completion_mask.shape) * completion_mask
+    mask = completion_mask.astype(bool) & scorable[..., None]
+    centred = _centred(rewards, leave_one_out=False).astype(np.float32)
+    return np.asarray(reinforce_pp_advantages(centred, mask))
+  leave_one_out = config.advantage_estimator == "rloo"
+  seq = _centred(rewards, leave_one_out=leave_one_out)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    if scale == "group":
+      seq = seq / (_nanstd(rewards, axis=-1, keepdims=True) + REWARD_STD_EPS)
+    elif scale == "batch" and leave_one_out:
+      scored = np.where(scorable, seq, np.nan)
+      seq = (seq - np.nanmean(scored)) / (_nanstd(scored) + REWARD_STD_EPS)
+    elif scale == "batch":
+      seq = seq / (_nanstd(rewards) + REWARD_STD_EPS)
+  seq = np.where(scorable & np.isfinite(seq), seq, 0.0)
+  return (seq[..., None] * completion_mask).astype(np.float32)
 
 
-def _group_std(rewards: np.ndarray) -> np.ndarray:
-  return rewards.std(axis=-1, ddof=1)
+def _informative(rewards: np.ndarray) -> np.ndarray:
+  """``[P]``: groups whose scorable rewards are not all equal (NaN-aware
+  :func:`alignax.informative_group_mask`)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN groups
+    return np.nan_to_num(np.nanmax(rewards, axis=-1) - np.nanmin(rewards, axis=-1)) > 0
 
 
 def _select_groups(rewards: np.ndarray, prompts_kept: int) -> tuple[np.ndarray, np.ndarray]:
   """DAPO's dynamic sampling with a static batch: of the ``P_drawn`` groups of ``rewards`` (raw,
   ``[P_drawn, G]``), the rows ``[P_kept·G]`` of ``prompts_kept`` groups, informative ones first
-  (``alignax.select_informative_groups``), and which of the kept groups are informative
-  (``[P_kept]``; the others refill the batch and are masked out of the loss). Without
-  over-sampling every group is kept as it is."""
-  from alignax.advantages import informative_group_mask, select_informative_groups
-
+  in their drawn order (:func:`alignax.select_informative_groups`, NaN-aware), and which of the
+  kept groups are informative (``[P_kept]``; the others refill the batch and are masked out of the
+  loss). Without over-sampling every group is kept as it is."""
   drawn, group = rewards.shape
   if drawn == prompts_kept:
     return np.arange(drawn * group), np.ones(drawn, bool)
-  keep = np.asarray(select_informative_groups(rewards, k=prompts_kept))
-  informative = np.asarray(informative_group_mask(rewards))[keep]
-  return (keep[:, None] * group + np.arange(group)).reshape(-1), informative
+  informative = _informative(rewards)
+  keep = np.argsort(~informative, kind="stable")[:prompts_kept]
+  return (keep[:, None] * group + np.arange(group)).reshape(-1), informative[keep]
+
+
+def _rewards(scored: Any) -> np.ndarray:
+  """``[N]`` rewards of a :class:`alignax.rewards.RewardOutput`, NaN where every source returned
+  None (the runner's ``nansum`` gives them 0, which would count as a score)."""
+  rewards = np.asarray(scored.rewards, np.float32).copy()
+  rewards[np.asarray(scored.all_none, bool)] = np.nan
+  return rewards
+
+
+def _reward_metrics(rewards: np.ndarray, scored: Any) -> dict[str, float]:
+  """TRL's reward metrics over every drawn group (before dynamic sampling drops any) and the
+  scorable completions only: ``reward`` (mean), ``reward_std`` (the std over the batch, TRL's
+  ``nanstd(rewards)``), ``frac_reward_zero_std`` (groups whose rewards all agree) and the
+  runner's per-source metrics."""
+  flat = rewards.reshape(-1)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # nothing scored: NaN, as TRL logs it
+    mean = float(np.nanmean(flat))
+  group_std = _nanstd(rewards, axis=-1)
+  metrics = {"reward": mean, "reward_std": float(_nanstd(flat)),
+             "frac_reward_zero_std": float(np.mean(np.isclose(group_std, 0.0)))}
+  metrics.update({k: float(v) for k, v in scored.metrics.items()})
+  return metrics
 
 
 class _Rollout:
-  """Builds the stored generation batch of one round (all host NumPy)."""
+  """Builds the stored generation batch of one round (host NumPy, log-probs on the mesh)."""
 
   def __init__(self, *, config: GRPOConfig, runner: Any, tokenizer: Any, mesh: jax.sharding.Mesh,
-               logp_fn: Callable, reference_fn: Callable | None, max_steps: int):
+               model: nnx.Module, logp_fn: Callable, reference_fn: Callable | None,
+               max_steps: int, prompts_kept: int):
     self.config, self.runner, self.tokenizer, self.mesh = config, runner, tokenizer, mesh
-    self.logp_fn, self.reference_fn, self.max_steps = logp_fn, reference_fn, max_steps
+    self.model, self.logp_fn, self.reference_fn = model, logp_fn, reference_fn
+    self.max_steps, self.prompts_kept = max_steps, prompts_kept
 
-  def __call__(self, model: nnx.Module, state: TrainState, prompts: dict[str, Any],
-               key: jax.Array, prompts_kept: int, step: int):
+  def __call__(self, state: TrainState, prompts: dict[str, Any], *, key: jax.Array,
+               step: int) -> Round:
     from alignax.sampling import generate
 
     c = self.config
     group = c.num_generations
+    accumulation = c.gradient_accumulation_steps
+    nnx.update(self.model, state.params, state.frozen)
     timings = {}
     start = time.perf_counter()
-    sample = generate(model, prompts["input_ids"], prompts["attention_mask"],
+    sample = generate(self.model, prompts["input_ids"], prompts["attention_mask"],
                       max_new_tokens=c.max_completion_length, temperature=c.temperature,
                       top_k=c.top_k or None, top_p=None if c.top_p >= 1 else c.top_p,
                       min_p=c.min_p, num_samples=group, key=key,
@@ -336,11 +545,11 @@ class _Rollout:
                          num_generations=group,
                          trainer_state=types.SimpleNamespace(global_step=step,
                                                              max_steps=self.max_steps))
-    rewards = np.asarray(scored.rewards, np.float32).reshape(-1, group)
+    rewards = _rewards(scored).reshape(-1, group)
     timings["time/reward"] = time.perf_counter() - start
 
-    rows, informative = _select_groups(rewards, prompts_kept)
-    metrics = self._reward_metrics(rewards, scored)
+    rows, informative = _select_groups(rewards, self.prompts_kept)
+    metrics = _reward_metrics(rewards, scored)
     rewards = rewards.reshape(-1)[rows].reshape(-1, group)
 
     completion_mask = np.asarray(sample.completion_mask)[rows]
@@ -359,14 +568,19 @@ class _Rollout:
              "completion_mask": np.concatenate([np.zeros_like(prompt_mask), loss_tokens],
                                                axis=1).astype(np.int32)}
 
-    token_advantages = _advantages(rewards, loss_tokens.reshape(*rewards.shape, -1), c)
+    # Refill groups (dynamic sampling) are out of the loss: out of the batch's statistics too.
+    scoring = np.where(informative[:, None], rewards, np.nan)
+    token_advantages = _advantages(scoring, loss_tokens.reshape(*rewards.shape, -1), c)
     token_advantages = token_advantages.reshape(loss_tokens.shape).astype(np.float32)
 
     start = time.perf_counter()
-    placed = shard_rows(batch, self.mesh)
+    # As training splits it: one micro-batch's activations at a time.
+    placed = place_micro_batches(batch, self.mesh, accumulation)
     old_logp = np.asarray(jax.device_get(self.logp_fn(state.params, state.frozen, placed)))
+    old_logp = old_logp.reshape(-1, total)
     timings["time/old_logp"] = time.perf_counter() - start
-    sampler_logp = to_token_positions(np.asarray(sample.logprobs, np.float32)[rows], prompt_length, total)
+    sampler_logp = to_token_positions(np.asarray(sample.logprobs, np.float32)[rows],
+                                      prompt_length, total)
     # The loss's tokens: rows masked out (truncated, refill groups) have no stored log-probs.
     valid = to_token_positions(loss_tokens, prompt_length, total).astype(bool)
     difference = np.abs(old_logp - sampler_logp)[valid]
@@ -376,25 +590,36 @@ class _Rollout:
     advantages = to_token_positions(token_advantages, prompt_length, total)
     if c.importance_sampling_correction:
       weights = self._importance_weights(old_logp, sampler_logp, valid)
-      metrics.update({f"sampling/importance_sampling_ratio/{name}": float(fn(weights[valid]))
+      metrics.update({f"sampling/importance_sampling_ratio/{name}": (
+                        float(fn(weights[valid])) if valid.any() else 0.0)
                       for name, fn in (("min", np.min), ("mean", np.mean), ("max", np.max))})
       advantages = advantages * weights
-    batch.update(old_logp=np.where(valid, old_logp, 0.0).astype(np.float32),
-                 advantages=advantages.astype(np.float32))
+    stored = {"old_logp": np.where(valid, old_logp, 0.0).astype(np.float32),
+              "advantages": advantages.astype(np.float32)}
+    if c.entropy_coef > 0:
+      stored["entropy_norm"] = np.full(input_ids.shape[0], input_ids.shape[0]
+                                       / max(int(valid.sum()), 1), np.float32)
+    placed.update(place_micro_batches(stored, self.mesh, accumulation))
     if self.reference_fn is not None:
       start = time.perf_counter()
-      batch["ref_logp"] = np.asarray(jax.device_get(self.reference_fn(state, placed)), np.float32)
+      ref_logp = np.asarray(jax.device_get(self.reference_fn(state, placed)), np.float32)
+      placed.update(place_micro_batches({"ref_logp": ref_logp.reshape(-1, total)}, self.mesh,
+                                        accumulation))
       timings["time/reference"] = time.perf_counter() - start
 
     metrics.update(timings)
     metrics.update(self._length_metrics(lengths[rows], stopped))
+    trainable = bool(valid.any()) and (c.beta > 0 or c.entropy_coef > 0
+                                       or bool(np.any(advantages[valid] != 0)))
     table = [{"prompt": as_text(prompt_values[r // group]), "completion": completions[r],
-              "reward": float(rewards.reshape(-1)[i]),
+              "reward": None if np.isnan(rewards.reshape(-1)[i])
+              else float(rewards.reshape(-1)[i]),
               **{f"rewards/{name}": (None if np.isnan(v) else float(v))
                  for name, v in zip(scored.names, np.asarray(scored.per_source)[r])},
               "advantage": float(token_advantages[i, 0])}
              for i, r in enumerate(rows)]
-    return batch, metrics, table
+    return Round(batch=placed, metrics=metrics, tokens=int(attention_mask.sum()),
+                 completions=table, trainable=trainable)
 
   def _importance_weights(self, old_logp, sampler_logp, valid):
     c = self.config
@@ -408,16 +633,6 @@ class _Rollout:
       # Masking keeps the ratio where it is within the cap and drops the token (or sequence) beyond.
       weights = np.where(ratio <= c.importance_sampling_cap, ratio, 0.0)
     return np.where(valid, weights, 0.0).astype(np.float32)
-
-  def _reward_metrics(self, rewards: np.ndarray, scored: Any) -> dict[str, float]:
-    """TRL's reward metrics over every drawn group (before dynamic sampling drops any)."""
-    std = _group_std(rewards)
-    # TRL logs the std the advantages were divided by: the batch's under scale_rewards="batch".
-    spread = rewards.std(ddof=1) if self.config.scale_rewards == "batch" else std.mean()
-    metrics = {"reward": float(rewards.mean()), "reward_std": float(spread),
-               "frac_reward_zero_std": float(np.mean(np.isclose(std, 0.0)))}
-    metrics.update({k: float(v) for k, v in scored.metrics.items()})
-    return metrics
 
   def _length_metrics(self, lengths: np.ndarray, stopped: np.ndarray) -> dict[str, float]:
     terminated = lengths[stopped]
@@ -435,7 +650,7 @@ class _Rollout:
 
 
 def _reward_runner(config: GRPOConfig, reward_funcs: Any, *, tokenizer: Any,
-                   mesh: jax.sharding.Mesh) -> Any:
+                   mesh: jax.sharding.Mesh | None) -> Any:
   from alignax.rewards import RewardRunner
 
   if isinstance(reward_funcs, RewardRunner):
@@ -452,7 +667,9 @@ def _reward_runner(config: GRPOConfig, reward_funcs: Any, *, tokenizer: Any,
                      "names or module.function paths), --reward_funcs or "
                      "--reward_model_name_or_path")
   return RewardRunner(sources, weights=config.reward_weights, timeout=config.reward_timeout,
-                      max_completion_len=config.max_completion_length)
+                      on_timeout=config.reward_on_timeout,
+                      max_completion_len=config.max_completion_length,
+                      soft_punish_cache=config.soft_punish_cache)
 
 
 def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer: Any = None,
@@ -486,12 +703,9 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
       function raises or returns the wrong number of rewards.
   """
   from alignax.data import DataConfig, make_batches, steps_per_epoch
-  from alignax.train.checkpoint import Checkpointer, resolve_resume
   from alignax.train.config import ModelConfig
-  from alignax.train.logger import MetricsLogger
-  from alignax.train.loop import (FitResult, default_export, place_on_mesh, data_parallel_size,
-                                  restore_checkpoint, write_run_config)
-  from alignax.train.step import check_finite, init_state
+  from alignax.train.loop import FitResult, data_parallel_size, default_export, place_on_mesh
+  from alignax.train.step import init_state
   from alignax.train.trainers import load_model, make_export, resolve_mesh
 
   if not isinstance(config, GRPOConfig):
@@ -563,99 +777,35 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
   state = place_on_mesh(init_state(params, optimizer, frozen=frozen, seed=config.seed), mesh)
 
   def logp_fn(params, frozen, batch):
-    return stored_logprobs(graphdef, (params, frozen), batch, temperature=config.temperature)
+    return micro_batched_logprobs(graphdef, (params, frozen), batch,
+                                  temperature=config.temperature)
 
   reference_fn = None if config.beta == 0 else _reference_fn(
     graphdef, reference, trainable=trainable, model=model, temperature=config.temperature)
-  rollout = _Rollout(config=config, runner=runner, tokenizer=tokenizer, mesh=mesh,
-                     logp_fn=logp_fn, reference_fn=reference_fn, max_steps=max_steps)
+  rollout = _Rollout(config=config, runner=runner, tokenizer=tokenizer, mesh=mesh, model=model,
+                     logp_fn=logp_fn, reference_fn=reference_fn, max_steps=max_steps,
+                     prompts_kept=prompts_per_step)
 
-  main = jax.process_index() == 0
-  metrics_logger = MetricsLogger(
-    config.output_dir, report_to=config.report_to, run_name=config.run_name,
-    config=config.to_dict(), is_main_process=main,
-    trainer_state={"max_steps": max_steps, "logging_steps": config.logging_steps,
-                   "eval_steps": config.eval_steps or config.logging_steps,
-                   "save_steps": config.save_steps,
-                   "train_batch_size": config.per_device_train_batch_size,
-                   "num_train_epochs": config.num_train_epochs})
-  checkpointer = Checkpointer(config.output_dir, save_total_limit=config.save_total_limit)
-  write_run_config(config, mesh, {"max_steps": max_steps, "algorithm": "grpo",
-                                  "data_config": dataclasses.asdict(data),
-                                  **({"model_config": dataclasses.asdict(model_config)}
-                                     if model_config is not None else {})})
+  def update(state: TrainState, batch: Any, iteration: int):
+    del iteration  # every update of a round takes the whole generation batch
+    return step_fn(state, batch)
 
-  start = 0
-  resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
-  if resume is not None:
-    run_dir, saved_step = resume
-    if saved_step % config.num_iterations:
-      raise ValueError(f"checkpoint-{saved_step} is inside a generation batch (num_iterations="
-                       f"{config.num_iterations}); resume from a multiple of num_iterations")
-    state = restore_checkpoint(state, run_dir, saved_step, checkpointer=checkpointer,
-                               iterator=iterator, logger=metrics_logger)
-    start = saved_step
+  def export_model(state: TrainState) -> None:
+    nnx.update(model, state.params, state.frozen)
+    (export or default_export(tokenizer))(model, config.output_dir)
 
-  from tqdm.auto import tqdm
-
-  progress = tqdm(total=max_steps, initial=start, disable=config.disable_tqdm or not main,
-                  desc="grpo", dynamic_ncols=True)
-  tokens_seen = int(metrics_logger.state.num_input_tokens_seen)
-  step = start
-  try:
-    while step < max_steps:
-      round_index = step // config.num_iterations
-      nnx.update(model, state.params, state.frozen)
-      try:
-        prompts = next(iterator)
-      except StopIteration:
-        raise ValueError(f"the prompts ran out before step {step + 1} of max_steps={max_steps}; "
-                         "lower max_steps") from None
-      round_start = time.perf_counter()
-      batch, round_metrics, table = rollout(model, state, prompts,
-                                            sampler_key(state, round_index),
-                                            prompts_per_step, step)
-      round_tokens = int(batch["attention_mask"].sum())
-      placed = place_micro_batches(batch, mesh, config.gradient_accumulation_steps)
-      round_metrics["time/rollout"] = time.perf_counter() - round_start
-      for iteration in range(config.num_iterations):
-        step += 1
-        step_start = time.perf_counter()
-        state, metrics = step_fn(state, placed)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        check_finite(step, {k: metrics[k] for k in ("loss", "grad_norm")})
-        metrics["time/train"] = time.perf_counter() - step_start
-        if iteration == 0:  # the round's tokens are seen once, however many updates reuse them
-          tokens_seen += round_tokens
-        metrics.update(round_metrics, num_tokens=tokens_seen)
-        # The round's rollout is charged to its first update.
-        metrics["step_time"] = metrics["time/train"] + (
-          round_metrics["time/rollout"] if iteration == 0 else 0.0)
-        progress.update(1)
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}", reward=f"{metrics['reward']:.3f}")
-        if on_step is not None:
-          on_step(step, metrics)
-        if step % config.logging_steps == 0 or step == max_steps:
-          metrics_logger.update_state(num_input_tokens_seen=tokens_seen)
-          metrics_logger.log(step, metrics)
-          if config.log_completions and main:
-            write_completions(config.output_dir, step, table)
-        if step % config.save_steps == 0 or step == max_steps:
-          metrics_logger.update_state(num_input_tokens_seen=tokens_seen)
-          checkpointer.save(step, state._replace(frozen=None), data_state=iterator.get_state(),
-                            trainer_state=metrics_logger.state_json())
-  finally:
-    progress.close()
-    checkpointer.close()  # finishes in-flight saves: the last good checkpoint is complete
-    metrics_logger.save_state()
-    metrics_logger.close()
-    close = getattr(runner, "close", None)
-    if close is not None:
-      close()
-
-  nnx.update(model, state.params, state.frozen)
-  (export or default_export(tokenizer))(model, config.output_dir)
-  return FitResult(model=model, state=state, history=list(metrics_logger.state.log_history))
+  epsilon, epsilon_high = config.clip_range
+  result = run_rounds(
+    config, state=state, mesh=mesh, iterator=iterator, rollout=rollout, update=update,
+    max_steps=max_steps, updates_per_round=config.num_iterations, algorithm="grpo",
+    run_config={"data_config": dataclasses.asdict(data),
+                "resolved": {"epsilon": epsilon, "epsilon_high": epsilon_high,
+                             "importance_sampling_level": config.ratio_level,
+                             "scale_rewards": config.reward_scale},
+                **({"model_config": dataclasses.asdict(model_config)}
+                   if model_config is not None else {})},
+    export=export_model, on_step=on_step, on_close=getattr(runner, "close", None))
+  return FitResult(model=model, state=result.state, history=result.history)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -684,8 +834,11 @@ class _StepKey:
 
   @classmethod
   def of(cls, config: GRPOConfig, max_steps: int) -> "_StepKey":
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "max_steps"]
-    return cls(max_steps=max_steps, **{name: getattr(config, name) for name in names})
+    epsilon, epsilon_high = config.clip_range
+    resolved = {"max_steps": max_steps, "epsilon": epsilon, "epsilon_high": epsilon_high,
+                "importance_sampling_level": config.ratio_level}
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in resolved]
+    return cls(**resolved, **{name: getattr(config, name) for name in names})
 
 
 @functools.lru_cache(maxsize=4)
@@ -713,15 +866,16 @@ def _compiled_step(graphdef: nnx.GraphDef, key: _StepKey):
 
 def _reference_fn(graphdef: nnx.GraphDef, reference: nnx.Module | None, *, trainable: Any,
                   model: nnx.Module, temperature: float) -> Callable:
-  """``(state, placed batch) -> ref_logp [N, L]``: a frozen copy of ``reference`` (default the
-  initial policy), or with LoRA the policy's adapters-off view of the state's weights."""
+  """``(state, placed micro-batches) -> ref_logp [k, N/k, L]``: a frozen copy of ``reference``
+  (default the initial policy), or with LoRA the policy's adapters-off view of the state's
+  weights."""
   from alignax.models import LoRAParam
 
   if reference is None and trainable is LoRAParam:
-    return lambda state, batch: stored_logprobs(graphdef, (state.params, state.frozen), batch,
-                                                 temperature=temperature, adapters_off=True)
+    return lambda state, batch: micro_batched_logprobs(
+      graphdef, (state.params, state.frozen), batch, temperature=temperature, adapters_off=True)
   ref_graphdef, ref_state = nnx.split(reference if reference is not None else model)
   # Copied: the policy's buffers are donated to the first step and would vanish under the reference.
   ref_state = jax.tree.map(jnp.copy, ref_state)
-  return lambda state, batch: stored_logprobs(ref_graphdef, (ref_state,), batch,
-                                               temperature=temperature)
+  return lambda state, batch: micro_batched_logprobs(ref_graphdef, (ref_state,), batch,
+                                                      temperature=temperature)

@@ -1,15 +1,26 @@
-"""What the online trainers (GRPO, PPO) share: placing a host-built generation batch on the mesh,
-the no-gradient log-probs of stored completions, the sampler's per-round key, the prompt data and
-its position budget, and the completions written to ``output_dir/completions/``.
+"""What the online trainers (GRPO, PPO) share: the host loop of rounds (:func:`run_rounds`),
+placing a host-built generation batch on the mesh, the no-gradient log-probs of stored completions,
+the sampler's per-round key, the prompt data and its position budget, and the completions written
+to ``output_dir/completions/``.
 
 The rollout of an online trainer is built on the host in NumPy (rewards come from Python
 functions); these helpers move it onto the engine's mesh with rows over ``(data, fsdp)`` and back.
+
+An online run is a sequence of *rounds*: one rollout (sample, score, store the old log-probs),
+then ``updates_per_round`` optimizer steps on it (GRPO's ``num_iterations``; PPO's epochs ×
+minibatches). :func:`run_rounds` is the loop around them that every online trainer shares, as
+``alignax.train.loop.fit`` is for the offline ones: progress bar, ``num_tokens``, timing, metrics
+averaged over the logging window, completions, checkpoints at round boundaries, exact resume,
+Ctrl-C and the final export. A trainer supplies two callables, the rollout and the update.
 """
 
+import dataclasses
 import functools
 import json
+import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -18,7 +29,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from alignax import _validate
 from alignax.train.step import TrainState
+
+logger = logging.getLogger("alignax.train")
 
 COMPLETIONS_DIR = "completions"
 # Folded into the state's RNG for the sampler's keys: a stream apart from dropout's.
@@ -135,6 +149,29 @@ def stored_logprobs(graphdef: nnx.GraphDef, states: tuple, batch: dict[str, jax.
   return jnp.where(mask, out.logp, 0.0)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "adapters_off"))
+def micro_batched_logprobs(graphdef: nnx.GraphDef, states: tuple, batch: dict[str, jax.Array], *,
+                           temperature: float, adapters_off: bool = False) -> jax.Array:
+  """:func:`stored_logprobs` of a batch laid out as training takes it, ``[k, B/k, L]`` (from
+  :func:`place_micro_batches`), one micro-batch after another (``lax.map``): the forward's
+  activations are a micro-batch's, as in the training step, not the whole generation batch's.
+
+  Returns:
+    ``[k, B/k, L]`` log-probs (0 off the completion tokens).
+  """
+  from alignax.models.lora import lora_disabled
+
+  def one(micro_batch):
+    model = nnx.merge(graphdef, *states)
+    if adapters_off:
+      model = lora_disabled(model)
+    out, mask = completion_logprobs(model, micro_batch, temperature=temperature)
+    return jnp.where(mask, out.logp, 0.0)
+
+  keys = ("input_ids", "attention_mask", "completion_mask")
+  return jax.lax.map(one, {k: batch[k] for k in keys})
+
+
 def write_completions(output_dir: str, step: int, table: Sequence[dict[str, Any]]) -> str:
   """``output_dir/completions/completions_{step:06d}.jsonl``: one row per completion."""
   directory = os.path.join(output_dir, COMPLETIONS_DIR)
@@ -144,3 +181,281 @@ def write_completions(output_dir: str, step: int, table: Sequence[dict[str, Any]
     for row in table:
       f.write(json.dumps({"step": step, **row}) + "\n")
   return path
+
+
+
+# --- the host loop of rounds --------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Round:
+  """One round's rollout, as :func:`run_rounds` consumes it.
+
+  Attributes:
+    batch: what ``update`` takes (typically the generation batch placed on the mesh as
+      ``[gradient_accumulation_steps, rows, ...]`` micro-batches).
+    metrics: the round's scalar metrics (rewards, lengths, timings), logged with each of its
+      updates and averaged over the logging window like the updates' own.
+    tokens: the round's real tokens (prompt + completion), added to ``num_tokens`` once, however
+      many updates reuse them.
+    completions: rows written to ``output_dir/completions/completions_{step}.jsonl`` when a
+      logging step falls in this round (None: nothing to write).
+    trainable: False when no update could change the policy (no loss token left, or every
+      advantage zero with no KL or entropy term): the round's updates are skipped instead of
+      stepping the optimizer with a zero gradient (whose Adam moments, bias correction and
+      weight decay would still move), and counted in ``skipped_updates``.
+  """
+
+  batch: Any
+  metrics: dict[str, float]
+  tokens: int
+  completions: Sequence[dict[str, Any]] | None = None
+  trainable: bool = True
+
+
+@dataclasses.dataclass
+class RoundsResult:
+  """What :func:`run_rounds` leaves: the final state and the logged history."""
+
+  state: TrainState
+  history: list[dict[str, Any]]
+
+
+# Logged as the latest step's value, not the window's mean (transformers' Trainer does the same).
+_LATEST = ("learning_rate", "grad_norm", "num_tokens")
+# Summed over the logging window rather than averaged.
+_COUNTS = ("skipped_updates",)
+# Charged to a round's first update only (the others reuse its generation batch).
+_ROUND_ONCE = ("time/rollout",)
+
+
+def run_rounds(config: Any, *, state: TrainState, mesh: jax.sharding.Mesh, iterator: Any,
+               rollout: Callable[..., Round],
+               update: Callable[[TrainState, Any, int], tuple[TrainState, dict[str, Any]]],
+               max_steps: int, updates_per_round: int, algorithm: str,
+               run_config: dict[str, Any] | None = None,
+               export: Callable[[TrainState], None] | None = None,
+               on_step: Callable[[int, dict[str, float]], None] | None = None,
+               on_close: Callable[[], None] | None = None,
+               host_state: Any = None) -> RoundsResult:
+  """Runs an online trainer's rounds: ``max_steps / updates_per_round`` × (one rollout, then
+  ``updates_per_round`` optimizer steps on it), and writes a TRL-style ``output_dir``.
+
+  Every optimizer step is one step of ``max_steps``, ``logging_steps`` and ``save_steps``. Per
+  step, the update's metrics plus the round's are logged with ``num_tokens`` (cumulative real
+  tokens, each round counted once), ``time/train`` (the update), ``time/rollout`` and
+  ``step_time`` (the update, plus the rollout on a round's first update). A logged line holds each
+  metric's mean over the steps since the previous line (as ``fit`` and ``transformers`` log;
+  ``learning_rate``, ``grad_norm`` and ``num_tokens`` are the latest step's; ``skipped_updates``
+  is the window's count), and the latest round's completions go to ``output_dir/completions/``.
+
+  Checkpoints are taken at round boundaries only (a checkpoint inside a round would need the
+  generation batch, which is not saved): at every ``save_steps``, at ``max_steps``, and when a
+  Ctrl-C stops the run. A resumed run (``config.resume_from_checkpoint``) regenerates nothing; the
+  rollout's key is derived from the checkpointed RNG and the round index
+  (:func:`sampler_key`), so it replays the same trajectory. Ctrl-C (single process, main thread)
+  finishes the current round's updates, saves a checkpoint and raises ``KeyboardInterrupt``; a
+  second Ctrl-C stops at once (``alignax.train.loop.fit``'s mechanism).
+
+  Args:
+    config: the run's ``TrainingConfig`` (``output_dir``, ``logging_steps``, ``save_steps``,
+      ``save_total_limit``, ``resume_from_checkpoint``, ``report_to``, ``run_name``,
+      ``disable_tqdm``; ``log_completions`` when it has one).
+    state: the initial train state, on ``mesh``.
+    mesh: the device mesh (for ``run_config.json``).
+    iterator: the prompt batches, an iterator with ``get_state()``/``set_state()`` (a grain
+      iterator from ``alignax.data.make_batches``); one batch is drawn per round.
+    rollout: ``rollout(state, prompts, *, key, step) -> Round``: the round's generation batch
+      from the policy in ``state``; ``key`` is the round's sampler key and ``step`` the number of
+      optimizer steps done before it.
+    update: ``update(state, batch, index) -> (state, metrics)``: the ``index``-th
+      (``0 <= index < updates_per_round``) optimizer step on the round's ``batch``; metrics may be
+      device arrays; ``loss`` and ``grad_norm``, when present, are checked to be finite.
+    max_steps: optimizer steps in the run, a multiple of ``updates_per_round``.
+    updates_per_round: optimizer steps per rollout.
+    algorithm: the progress bar's label and ``run_config.json``'s ``algorithm``.
+    run_config: more fields for ``run_config.json``.
+    export: ``state -> None``, called once the last step is done (writes the final model).
+    on_step: called after every step with its metrics.
+    on_close: called when the loop ends, normally or not (closes reward runners).
+    host_state: host-side state that a resumed run needs and the train state does not hold (PPO's
+      adaptive KL coefficient): an object with ``state_dict() -> dict`` (JSON-serialisable) and
+      ``load_state_dict(dict)``, saved in every checkpoint beside the prompt iterator's position
+      and loaded on resume.
+
+  Returns:
+    :class:`RoundsResult`.
+
+  Raises:
+    ValueError: ``save_steps`` or ``max_steps`` not a multiple of ``updates_per_round``, a resume
+      checkpoint inside a round, or prompts that run out before ``max_steps``.
+    alignax.train.step.NonFiniteError: a NaN/Inf loss or gradient norm.
+    KeyboardInterrupt: after a Ctrl-C, once the checkpoint is saved.
+  """
+  from tqdm.auto import tqdm
+
+  from alignax.train.checkpoint import Checkpointer, resolve_resume
+  from alignax.train.logger import MetricsLogger
+  from alignax.train.loop import _StopRequest, restore_checkpoint, write_run_config
+  from alignax.train.step import check_finite
+
+  _validate.positive_int("updates_per_round", updates_per_round)
+  _validate.positive_int("max_steps", max_steps)
+  for name, value in (("save_steps", config.save_steps), ("max_steps", max_steps)):
+    if value % updates_per_round:
+      raise ValueError(
+        f"{name}={value} must be a multiple of the {updates_per_round} optimizer steps per "
+        f"generation batch of {algorithm}: checkpoints are taken between generation batches, and "
+        "every generation batch gets all its updates")
+
+  main = jax.process_index() == 0
+  metrics_logger = MetricsLogger(
+    config.output_dir, report_to=config.report_to, run_name=config.run_name,
+    config=config.to_dict(), is_main_process=main,
+    trainer_state={"max_steps": max_steps, "logging_steps": config.logging_steps,
+                   "eval_steps": config.eval_steps or config.logging_steps,
+                   "save_steps": config.save_steps,
+                   "train_batch_size": config.per_device_train_batch_size,
+                   "num_train_epochs": config.num_train_epochs})
+  checkpointer = Checkpointer(config.output_dir, save_total_limit=config.save_total_limit)
+  write_run_config(config, mesh, {"max_steps": max_steps, "algorithm": algorithm,
+                                  **(run_config or {})})
+
+  if host_state is not None:
+    iterator = _WithHostState(iterator, host_state)
+  step = 0
+  interrupt = _StopRequest()
+  progress = None
+  try:
+    resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    if resume is not None:
+      run_dir, saved_step = resume
+      if saved_step % updates_per_round:
+        raise ValueError(f"checkpoint-{saved_step} is inside a generation batch "
+                         f"({updates_per_round} updates each); resume from a multiple of "
+                         f"{updates_per_round}")
+      state = restore_checkpoint(state, run_dir, saved_step, checkpointer=checkpointer,
+                                 iterator=iterator, logger=metrics_logger)
+      step = saved_step
+    progress = tqdm(total=max_steps, initial=step, disable=config.disable_tqdm or not main,
+                    desc=algorithm, dynamic_ncols=True)
+    tokens_seen = int(metrics_logger.state.num_input_tokens_seen)
+    window = _Window()
+    log_completions = getattr(config, "log_completions", True) and main
+    interrupt.install()
+    while step < max_steps:
+      try:
+        prompts = next(iterator)
+      except StopIteration:
+        raise ValueError(f"the prompts ran out before step {step + 1} of max_steps={max_steps}; "
+                         "lower max_steps") from None
+      round_index = step // updates_per_round
+      start = time.perf_counter()
+      generated = rollout(state, prompts, key=sampler_key(state, round_index), step=step)
+      round_metrics = {k: float(v) for k, v in generated.metrics.items()}
+      round_metrics["time/rollout"] = time.perf_counter() - start
+      tokens_seen += int(generated.tokens)
+      if not generated.trainable:
+        logger.info("round %d (steps %d-%d) has nothing to learn from (no loss token, or every "
+                    "advantage zero without a KL or entropy term): its %d updates are skipped",
+                    round_index, step + 1, step + updates_per_round, updates_per_round)
+      for index in range(updates_per_round):
+        step += 1
+        start = time.perf_counter()
+        if generated.trainable:
+          state, metrics = update(state, generated.batch, index)
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          check_finite(step, {k: metrics[k] for k in ("loss", "grad_norm") if k in metrics})
+        else:
+          # The optimizer does not move; the step counter does, so the schedule and the step's
+          # key stay where an update would have left them.
+          state = state._replace(step=jax.device_put(state.step + 1, state.step.sharding))
+          metrics = {"skipped_updates": 1.0}
+        metrics["time/train"] = time.perf_counter() - start
+        metrics.update({k: v for k, v in round_metrics.items()
+                        if index == 0 or k not in _ROUND_ONCE})
+        metrics["step_time"] = metrics["time/train"] + metrics.get("time/rollout", 0.0)
+        metrics["num_tokens"] = tokens_seen
+        window.add(metrics)
+        progress.update(1)
+        progress.set_postfix({k.split("/")[-1]: f"{metrics[k]:.4f}"
+                              for k in ("loss", "reward", "objective/rlhf_reward")
+                              if k in metrics})
+        if on_step is not None:
+          on_step(step, metrics)
+        if step % config.logging_steps == 0 or step == max_steps:
+          metrics_logger.update_state(num_input_tokens_seen=tokens_seen)
+          metrics_logger.log(step, window.flush())
+          if log_completions and generated.completions is not None:
+            write_completions(config.output_dir, step, generated.completions)
+      stopping = interrupt.requested
+      if stopping and window.steps:  # the partial window's line, saved with the checkpoint
+        metrics_logger.log(step, window.flush())
+      if step % config.save_steps == 0 or step == max_steps or stopping:
+        metrics_logger.update_state(num_input_tokens_seen=tokens_seen)
+        checkpointer.save(step, state._replace(frozen=None), data_state=iterator.get_state(),
+                          trainer_state=metrics_logger.state_json())
+      if stopping:
+        raise KeyboardInterrupt(f"stopped after step {step}; {checkpointer.path(step)} holds it "
+                                "(--resume_from_checkpoint true continues)")
+  finally:
+    if progress is not None:
+      progress.close()
+    try:
+      checkpointer.close()  # finishes in-flight saves: the last good checkpoint is complete
+    finally:
+      interrupt.uninstall()  # after the wait: a first Ctrl-C in it must not break orbax's threads
+      metrics_logger.save_state()
+      metrics_logger.close()
+      if on_close is not None:
+        on_close()
+
+  if export is not None:
+    export(state)
+  return RoundsResult(state=state, history=list(metrics_logger.state.log_history))
+
+
+class _WithHostState:
+  """The prompt iterator with the trainer's host state riding in its checkpointed state, so
+  ``restore_checkpoint`` (which restores the iterator) restores both."""
+
+  def __init__(self, iterator: Any, host_state: Any):
+    self.iterator, self.host_state = iterator, host_state
+
+  def __next__(self) -> Any:
+    return next(self.iterator)
+
+  def get_state(self) -> dict[str, Any]:
+    return {"iterator": self.iterator.get_state(), "host": self.host_state.state_dict()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.iterator.set_state(state["iterator"])
+    self.host_state.load_state_dict(state["host"])
+
+
+class _Window:
+  """The metrics of the steps since the last logged line: each metric's mean over the steps that
+  reported it (a skipped update reports no loss), the latest value of ``_LATEST`` and the sum of
+  ``_COUNTS``."""
+
+  def __init__(self):
+    self.totals: dict[str, float] = {}
+    self.counts: dict[str, int] = {}
+    self.latest: dict[str, float] = {}
+    self.steps = 0
+
+  def add(self, metrics: dict[str, float]) -> None:
+    self.steps += 1
+    for name, value in metrics.items():
+      self.totals[name] = self.totals.get(name, 0.0) + value
+      self.counts[name] = self.counts.get(name, 0) + 1
+      self.latest[name] = value
+
+  def flush(self) -> dict[str, float]:
+    out = {name: total / self.counts[name] for name, total in self.totals.items()}
+    out.update({name: self.latest[name] for name in _LATEST if name in self.latest})
+    out.update({name: self.totals[name] for name in _COUNTS if name in self.totals})
+    if "skipped_updates" not in out:
+      out["skipped_updates"] = 0.0
+    self.__init__()
+    return out
