@@ -1,6 +1,9 @@
 """The KV-cache sampler: parity with transformers, cache == full forward, sampling distributions
 (chi-square against transformers' own logits warpers), stop tokens, layout, sharding, bad input."""
 
+import json
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +16,7 @@ from model_factories import PAD_ID, run_lm, saved_checkpoint, torch_forward
 from alignax import models
 from alignax.sampling import bucket_length, default_stop_token_ids, generate, process_logits
 from alignax.sampling import sampler as sampler_module
+from alignax.sampling.sampler import checkpoint_stop_token_ids
 from alignax.sharding import make_mesh
 
 EOS_ID = 2  # model_factories' eos_token_id
@@ -218,6 +222,53 @@ def test_stop_tokens_end_rows_and_pad_after(tmp_path_factory):
     np.testing.assert_array_equal(out.completion_mask[row], np.arange(12) < length)
     assert (np.asarray(out.logprobs[row, length:]) == 0).all()
   assert int(out.lengths[0]) <= 4 and int(out.lengths[1]) <= 6
+
+
+def test_generation_config_eos_ids_stop_rows_as_transformers_does(tmp_path_factory, tmp_path):
+  # A chat checkpoint lists several EOS ids in generation_config.json and one in config.json
+  # (Llama-3-Instruct: <|eot_id|> beside <|end_of_text|>); transformers stops on all of them.
+  source, hf_model = saved_checkpoint(tmp_path_factory, "llama")
+  path = tmp_path / "chat"
+  shutil.copytree(source, path)
+  ids, mask = prompts(hf_model.config.vocab_size, LLAMA_PROMPTS, seed=3)
+  model = models.from_pretrained(path)
+  free = np.asarray(generate(model, ids, mask, **GREEDY).tokens)
+  turn_end = int(free[0, 3])  # a token the greedy model emits: the chat's end-of-turn id
+  assert turn_end != EOS_ID
+  generation_config = json.loads((path / "generation_config.json").read_text())
+  generation_config["eos_token_id"] = [turn_end, EOS_ID]
+  (path / "generation_config.json").write_text(json.dumps(generation_config))
+
+  stops = checkpoint_stop_token_ids(path)
+
+  assert stops == (turn_end, EOS_ID)
+  assert default_stop_token_ids(model) == (EOS_ID,)  # what config.json alone gives
+  with torch.no_grad():
+    want = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).generate(
+      input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask.astype(np.int64)),
+      do_sample=False, max_new_tokens=12, temperature=None, top_p=None, top_k=None,
+    )[:, ids.shape[1]:].numpy()
+  got = generate(model, ids, mask, max_new_tokens=12, greedy=True, stop_token_ids=stops)
+  tokens = np.asarray(got.tokens)
+  np.testing.assert_array_equal(tokens[:, :want.shape[1]], want)
+  assert (tokens[:, want.shape[1]:] == PAD_ID).all()
+  assert int(got.lengths[0]) <= 4 and bool(got.stopped[0])
+  for row in range(len(ids)):
+    hits = np.flatnonzero(np.isin(free[row], stops))
+    assert int(got.lengths[row]) == (hits[0] + 1 if len(hits) else 12)
+
+  # config.json's ids stay in the set; without any eos entry nothing stops a row.
+  generation_config["eos_token_id"] = turn_end
+  (path / "generation_config.json").write_text(json.dumps(generation_config))
+  assert checkpoint_stop_token_ids(path) == (turn_end, EOS_ID)
+  (path / "generation_config.json").unlink()
+  assert checkpoint_stop_token_ids(path) == (EOS_ID,)
+  config = json.loads((path / "config.json").read_text())
+  (path / "config.json").write_text(json.dumps({**config, "eos_token_id": None}))
+  assert checkpoint_stop_token_ids(path) == ()
+  (path / "config.json").write_text(json.dumps({**config, "eos_token_id": [2, "</s>"]}))
+  with pytest.raises(ValueError, match=r"config\.json: eos_token_id must be a non-negative int"):
+    checkpoint_stop_token_ids(path)
 
 
 def test_samples_of_a_prompt_are_contiguous_rows(tmp_path_factory):

@@ -11,6 +11,8 @@ traced, so changing them does not recompile.
 
 import dataclasses
 import functools
+import json
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -79,11 +81,68 @@ def bucket_length(length: int) -> int:
 
 
 def default_stop_token_ids(model: CausalLM) -> tuple[int, ...]:
-  """``eos_token_id`` of the model's ``config.json`` (an int or a list); ``()`` when it has none."""
+  """``eos_token_id`` of the model's ``config.json`` (an int or a list); ``()`` when it has none.
+
+  A loaded model carries its ``config.json`` only; the ``generation_config.json`` beside it, which
+  is where Llama-3 and Qwen chat checkpoints list all their EOS ids, is read from the checkpoint
+  by :func:`checkpoint_stop_token_ids`.
+  """
   eos = model.config.hf_config.get("eos_token_id")
   if eos is None:
     return ()
   return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+
+
+def _eos_ids(path: str) -> tuple[int, ...] | None:
+  """The ``eos_token_id`` entry of a JSON config file as ids; None without the file or entry."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    eos = json.load(f).get("eos_token_id")
+  if eos is None:
+    return None
+  values = eos if isinstance(eos, list) else [eos]
+  for value in values:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise ValueError(f"{path}: eos_token_id must be a non-negative int or a list of them, got "
+                       f"{eos!r}")
+  return tuple(values)
+
+
+def checkpoint_stop_token_ids(
+  path_or_id: str | os.PathLike, *, revision: str | None = None
+) -> tuple[int, ...]:
+  """The ids that end a completion of a checkpoint: every ``eos_token_id`` of its
+  ``generation_config.json``, then those of its ``config.json`` not already listed.
+
+  ``transformers``' ``generate`` stops on all of ``generation_config.json``'s ids, and chat
+  checkpoints list several there while ``config.json`` (what :func:`default_stop_token_ids` reads)
+  may hold one: Llama-3-Instruct ends a turn with ``<|eot_id|>`` (128009) beside ``<|end_of_text|>``
+  (128001), Qwen2.5-Instruct with ``<|im_end|>`` (151645) beside ``<|endoftext|>`` (151643). A
+  sampler that stops on the ``config.json`` id alone runs past the end of the turn until
+  ``max_new_tokens``. ``config.json``'s ids are kept as well, so the set is never smaller than
+  that default.
+
+  Args:
+    path_or_id: a checkpoint directory or a hub id (only its two config files are fetched).
+    revision: hub branch, tag or commit of a hub id.
+
+  Returns:
+    The ids, without repeats; ``()`` when neither file names one. Pass them as
+    ``generate(..., stop_token_ids=...)``.
+
+  Raises:
+    ValueError: an ``eos_token_id`` that is not a non-negative int or a list of them (the file
+      named).
+    FileNotFoundError, OSError: a directory or hub id that cannot be resolved (see
+      :func:`alignax.models.hub.resolve_pretrained`).
+  """
+  from alignax.models.hub import CONFIG_FILES, resolve_pretrained
+
+  directory = resolve_pretrained(path_or_id, revision=revision, allow_patterns=CONFIG_FILES)
+  generation = _eos_ids(os.path.join(directory, "generation_config.json")) or ()
+  model = _eos_ids(os.path.join(directory, "config.json")) or ()
+  return tuple(dict.fromkeys((*generation, *model)))
 
 
 def _left_pack(
@@ -261,7 +320,9 @@ def generate(
     greedy: take the most likely token (ties: the lowest id); the filters are then ignored.
     stop_token_ids: ids that end a row (kept in the completion). None (default) takes the
       ``eos_token_id`` of the model's ``config.json`` (an int or a list); ``()`` never stops early.
-      A ``generation_config.json`` is not read: pass its ids here when they differ.
+      The model does not carry its ``generation_config.json``: pass
+      ``checkpoint_stop_token_ids(path)`` here to stop on all of its EOS ids, as ``transformers``
+      does.
     pad_token_id: filler after a row's end; default the config's ``pad_token_id``, else the first
       stop id, else 0.
     num_samples: ``G`` completions per prompt (>= 1).
