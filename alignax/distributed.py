@@ -28,6 +28,8 @@ NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
 PROCESS_ID_ENV = "JAX_PROCESS_ID"
 # Variables whose presence with a task count above 1 means a multi-task launch JAX can detect.
 _CLUSTER_TASK_COUNTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+# A Cloud TPU VM lists its slice's hosts here (comma-separated); JAX finds the rest itself.
+_TPU_HOSTS = "TPU_WORKER_HOSTNAMES"
 
 
 def _env_int(name: str) -> int | None:
@@ -45,7 +47,8 @@ def _multi_task_cluster() -> bool:
     raw = os.environ.get(name, "")
     if raw.isdigit() and int(raw) > 1:
       return True
-  return False
+  hosts = [h for h in os.environ.get(_TPU_HOSTS, "").split(",") if h.strip()]
+  return len(hosts) > 1
 
 
 def initialize(*, coordinator_address: str | None = None, num_processes: int | None = None,

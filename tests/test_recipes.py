@@ -4,6 +4,7 @@ checkpoint of the recipe's architecture family and a tiny JSONL in the recipe's 
 only the sizes overridden by flags."""
 
 import json
+import shutil
 import math
 import os
 import re
@@ -208,3 +209,19 @@ def test_sft_packing_recipe(tiny, tmp_path):
   run = _run_config(out)
   assert run["data_config"]["packing"] is True and run["data_config"]["max_length"] == 64
   assert json.load(open(out / "config.json"))["model_type"] == _family(values["model_name_or_path"])
+
+
+def test_grpo_stops_on_every_eos_id_of_the_checkpoints_generation_config(tiny, tmp_path):
+  root, checkpoints = tiny
+  chat = tmp_path / "chat"
+  shutil.copytree(checkpoints["qwen2"], chat)
+  config = json.load(open(chat / "config.json"))
+  eos, turn_end = config["eos_token_id"], config["vocab_size"] - 1
+  (chat / "generation_config.json").write_text(json.dumps({"eos_token_id": [turn_end, eos]}))
+  out = tmp_path / "out"
+  assert cli.main(["grpo", "--model_name_or_path", str(chat), "--dataset_name",
+                   str(root / "gsm8k"), "--output_dir", str(out), "--max_steps", "1",
+                   "--num_generations", "2", "--per_device_train_batch_size", "2",
+                   "--max_completion_length", "4", "--reward_funcs", "accuracy_reward",
+                   "--disable_tqdm"]) == 0
+  assert _run_config(out)["resolved"]["stop_token_ids"] == [turn_end, eos]

@@ -133,7 +133,8 @@ def test_two_processes_resume_a_two_process_checkpoint_exactly(runs):
 @pytest.fixture
 def no_launcher_env(monkeypatch):
   for name in (distributed.COORDINATOR_ENV, distributed.NUM_PROCESSES_ENV,
-               distributed.PROCESS_ID_ENV, "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+               distributed.PROCESS_ID_ENV, "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+               "TPU_WORKER_HOSTNAMES"):
     monkeypatch.delenv(name, raising=False)
   return monkeypatch
 
@@ -143,6 +144,15 @@ def test_initialize_is_a_no_op_without_settings(no_launcher_env):
   no_launcher_env.setenv("SLURM_NTASKS", "1")  # a one-task job is not a multi-host run
   assert distributed.initialize() is False
   assert jax.process_count() == 1
+
+
+def test_a_multi_host_tpu_slice_is_detected_and_a_single_host_one_is_not(no_launcher_env):
+  # On a TPU pod slice with no setting, initialize must join (JAX finds coordinator and index).
+  assert not distributed._multi_task_cluster()
+  no_launcher_env.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2")
+  assert not distributed._multi_task_cluster()
+  no_launcher_env.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2,10.0.0.3")
+  assert distributed._multi_task_cluster()
 
 
 def test_initialize_names_bad_settings(no_launcher_env):

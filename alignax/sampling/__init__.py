@@ -8,8 +8,9 @@ steps with static shapes, per-row stop flags and the batch sharded over ``(data,
 
 from alignax.sampling.sampler import SampleOutput as SampleOutput
 from alignax.sampling.sampler import bucket_length as bucket_length
+from alignax.sampling.sampler import checkpoint_stop_token_ids as checkpoint_stop_token_ids
 from alignax.sampling.sampler import default_stop_token_ids as default_stop_token_ids
 from alignax.sampling.sampler import generate as generate
 from alignax.sampling.processors import process_logits as process_logits
 
-__all__ = ["SampleOutput", "bucket_length", "default_stop_token_ids", "generate", "process_logits"]
+__all__ = ["SampleOutput", "bucket_length", "checkpoint_stop_token_ids", "default_stop_token_ids", "generate", "process_logits"]

@@ -98,7 +98,9 @@ class GRPOConfig(TrainingConfig):
     top_p: nucleus filter (1.0: off).
     top_k: top-k filter (0: off).
     min_p: min-p filter (None: off).
-    stop_token_ids: ids that end a completion (None: the model's ``eos_token_id``).
+    stop_token_ids: ids that end a completion (None: every EOS id of the checkpoint's
+      ``generation_config.json`` and ``config.json``, as ``transformers``; for a model instance,
+      its config's ``eos_token_id``).
     beta: KL coefficient; 0 (TRL's default) builds and evaluates no reference model.
     kl_estimator: the in-loss KL estimator (``k3``, GRPO's; ``k1``, ``k2``, ``abs``).
     loss_type: ``dapo`` (token mean over the batch, TRL's default) | ``grpo`` (mean over sequences
@@ -506,7 +508,8 @@ class _Rollout:
 
   def __init__(self, *, config: GRPOConfig, runner: Any, tokenizer: Any, mesh: jax.sharding.Mesh,
                model: nnx.Module, logp_fn: Callable, reference_fn: Callable | None,
-               max_steps: int, prompts_kept: int):
+               max_steps: int, prompts_kept: int, stop_token_ids: tuple[int, ...] | None):
+    self.stop_token_ids = stop_token_ids
     self.config, self.runner, self.tokenizer, self.mesh = config, runner, tokenizer, mesh
     self.model, self.logp_fn, self.reference_fn = model, logp_fn, reference_fn
     self.max_steps, self.prompts_kept = max_steps, prompts_kept
@@ -525,7 +528,7 @@ class _Rollout:
                       max_new_tokens=c.max_completion_length, temperature=c.temperature,
                       top_k=c.top_k or None, top_p=None if c.top_p >= 1 else c.top_p,
                       min_p=c.min_p, num_samples=group, key=key,
-                      stop_token_ids=None if c.stop_token_ids is None else tuple(c.stop_token_ids))
+                      stop_token_ids=self.stop_token_ids)
     sample = jax.device_get(sample)
     timings["time/generation"] = time.perf_counter() - start
 
@@ -718,10 +721,12 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
   trainable: Any = nnx.Param
   export = None
   model_config = None
+  stop_token_ids = None if config.stop_token_ids is None else tuple(config.stop_token_ids)
   if isinstance(model, ModelConfig):
     from alignax.models import LoRAConfig, LoRAParam, apply_lora
     from alignax.models.lora import LLAMA_TARGETS
     from alignax.models.tokenizer import load_tokenizer
+    from alignax.sampling import checkpoint_stop_token_ids
 
     model_config = model
     if not model_config.model_name_or_path:
@@ -732,6 +737,9 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
     dataset = prompt_dataset(train_dataset, data, tokenizer)
     model = load_model(model_config.model_name_or_path, model_config, mesh=mesh, head=None,
                         seed=config.seed)
+    if stop_token_ids is None:  # every EOS id of generation_config.json, as transformers stops
+      stop_token_ids = checkpoint_stop_token_ids(model_config.model_name_or_path,
+                                                 revision=model_config.model_revision) or None
     if model_config.use_peft:
       apply_lora(model, LoRAConfig(rank=model_config.lora_r, alpha=model_config.lora_alpha,
                                    dropout=model_config.lora_dropout,
@@ -784,7 +792,7 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
     graphdef, reference, trainable=trainable, model=model, temperature=config.temperature)
   rollout = _Rollout(config=config, runner=runner, tokenizer=tokenizer, mesh=mesh, model=model,
                      logp_fn=logp_fn, reference_fn=reference_fn, max_steps=max_steps,
-                     prompts_kept=prompts_per_step)
+                     prompts_kept=prompts_per_step, stop_token_ids=stop_token_ids)
 
   def update(state: TrainState, batch: Any, iteration: int):
     del iteration  # every update of a round takes the whole generation batch
@@ -801,7 +809,9 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
     run_config={"data_config": dataclasses.asdict(data),
                 "resolved": {"epsilon": epsilon, "epsilon_high": epsilon_high,
                              "importance_sampling_level": config.ratio_level,
-                             "scale_rewards": config.reward_scale},
+                             "scale_rewards": config.reward_scale,
+                             "stop_token_ids": None if stop_token_ids is None
+                             else list(stop_token_ids)},
                 **({"model_config": dataclasses.asdict(model_config)}
                    if model_config is not None else {})},
     export=export_model, on_step=on_step, on_close=getattr(runner, "close", None))
