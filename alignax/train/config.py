@@ -34,7 +34,19 @@ class TrainingConfig:
     eval_strategy: ``no`` | ``steps`` (every ``eval_steps``) | ``epoch`` (once per epoch) on the
       data's ``dataset_test_split``.
     eval_steps: evaluate every N steps (None: ``logging_steps``'s value, as transformers).
-    per_device_eval_batch_size: rows per data-parallel device per evaluation batch.
+    per_device_eval_batch_size: rows per data-parallel device per evaluation batch (prompts per
+      sampler call in the generation evaluation).
+    eval_num_prompts: every ``eval_steps``, sample from the policy on the first N prompts of the
+      data's ``dataset_test_split`` and log ``eval/reward``, ``eval/win_rate`` (against the
+      starting model), ``eval/kl`` (exact, to the starting model) and ``eval/tax``
+      (``alignax.evaluation``); 0: off.
+    eval_num_samples: completions per prompt in the generation evaluation.
+    eval_max_completion_length: the most tokens per completion in the generation evaluation.
+    eval_temperature: sampling temperature of the generation evaluation.
+    eval_reward_funcs: reward functions of the generation evaluation: built-in names or
+      ``module.function`` paths (online trainers default to their own rewards).
+    eval_reward_model_name_or_path: reward models of the generation evaluation.
+    eval_tax_dataset: held-out SFT rows whose NLL, policy minus starting model, is ``eval/tax``.
     seed: initialisation, shuffling and dropout randomness.
     lr_scheduler_type: ``linear`` | ``cosine`` | ``constant`` | ``constant_with_warmup``.
     warmup_steps, warmup_ratio: linear warmup (steps win when > 0).
@@ -64,6 +76,13 @@ class TrainingConfig:
   eval_strategy: str = dataclasses.field(default="no", metadata={"choices": EVAL_STRATEGIES})
   eval_steps: int | None = None
   per_device_eval_batch_size: int = 8
+  eval_num_prompts: int = 0
+  eval_num_samples: int = 2
+  eval_max_completion_length: int = 64
+  eval_temperature: float = 1.0
+  eval_reward_funcs: list[str] | None = None
+  eval_reward_model_name_or_path: list[str] | None = None
+  eval_tax_dataset: str | None = None
   seed: int = 42
   lr_scheduler_type: str = "linear"
   warmup_steps: int = 0
@@ -85,6 +104,13 @@ class TrainingConfig:
       _validate.positive_int(name, getattr(self, name))
     if self.eval_steps is not None:
       _validate.positive_int("eval_steps", self.eval_steps)
+    if isinstance(self.eval_num_prompts, bool) or not isinstance(self.eval_num_prompts, int) or \
+        self.eval_num_prompts < 0:
+      raise ValueError(f"eval_num_prompts must be an int >= 0 (0: off), got "
+                       f"{self.eval_num_prompts!r}")
+    _validate.positive_int("eval_num_samples", self.eval_num_samples)
+    _validate.positive_int("eval_max_completion_length", self.eval_max_completion_length)
+    _validate.positive("eval_temperature", self.eval_temperature)
     if self.max_steps != -1:
       _validate.positive_int("max_steps", self.max_steps)
     _validate.positive("learning_rate", self.learning_rate)

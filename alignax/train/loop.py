@@ -121,7 +121,8 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
     export: ``(model, output_dir) -> None`` writes the final model (default ``save_pretrained``).
       It is called on every process, as ``save_pretrained`` must be in a multi-host run (it
       gathers sharded tensors collectively); files should be written by process 0 only.
-    eval_fn: ``model -> metrics`` run every ``eval_steps`` (logged with an ``eval_`` prefix).
+    eval_fn: ``model -> metrics`` run every ``eval_steps`` (logged with an ``eval_`` prefix,
+      except keys that already start with ``eval/``, as the generation evaluation's do).
     on_step: called after every step with its metrics (tests use it to stop a run on purpose).
 
   Returns:
@@ -227,7 +228,8 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
       eval_every = config.eval_steps or config.logging_steps
       if eval_fn is not None and (step % eval_every == 0 or step == max_steps):
         _sync(model, reference, state)
-        logger.log(step, {f"eval_{k}": v for k, v in eval_fn(model).items()})
+        logger.log(step, {k if k.startswith("eval/") else f"eval_{k}": v
+                          for k, v in eval_fn(model).items()})
       if step % config.save_steps == 0 or step == max_steps or stopping:
         logger.update_state(num_input_tokens_seen=tokens_seen)
         checkpointer.save(step, _checkpointed(state), data_state=iterator.get_state(),

@@ -18,7 +18,9 @@ skipped and truncated rows are logged), the objective (``alignax.train.objective
 for DPO and KTO (a frozen copy of ``ref_model_name_or_path`` or of the policy's checkpoint; with
 LoRA the adapters-off view of the policy and no copy; none when ``reference_free``; with
 ``precompute_ref_log_probs`` log-probs computed once over the data), evaluation on the test split
-(``eval_strategy``) and the export:
+(``eval_strategy``: the objective's loss and metrics; ``eval_num_prompts``: samples scored against
+the starting model, ``eval/reward``, ``eval/win_rate``, ``eval/kl``, ``eval/tax``, see
+``alignax.evaluation``) and the export:
 
 - without LoRA, the trained model in Hugging Face format (config, safetensors, tokenizer) at the
   root of ``output_dir`` (``*ForCausalLM``; ``*ForSequenceClassification`` for the reward model);
@@ -356,11 +358,51 @@ def run(algorithm: str, config: TrainingConfig, *, model: ModelConfig, data: Dat
                              batch_size=config.per_device_eval_batch_size, mesh=device_mesh,
                              trainable=trainable, reference=reference)
 
-  result = fit(policy, objective_fn, batches, config, mesh=device_mesh,
-               steps_per_epoch=max(1, epoch_steps), trainable=trainable, reference=reference,
-               tokenizer=tokenizer, export=make_export(model, tokenizer), eval_fn=eval_fn)
+  generation_eval = _generation_eval(algorithm, config, model=model, data=data,
+                                     tokenizer=tokenizer, reference=reference, mesh=device_mesh)
+  try:
+    result = fit(policy, objective_fn, batches, config, mesh=device_mesh,
+                 steps_per_epoch=max(1, epoch_steps), trainable=trainable, reference=reference,
+                 tokenizer=tokenizer, export=make_export(model, tokenizer),
+                 eval_fn=_merged(eval_fn, generation_eval))
+  finally:
+    if generation_eval is not None:
+      generation_eval.close()
   _record(config.output_dir, algorithm, model, data, mesh)
   return result
+
+
+def _generation_eval(algorithm: str, config: TrainingConfig, *, model: ModelConfig,
+                     data: DataConfig, tokenizer: Any, reference: nnx.Module | None,
+                     mesh: jax.sharding.Mesh) -> Any:
+  """``alignax.evaluation``'s in-training evaluation when ``config.eval_num_prompts`` is set:
+  the policy against its starting point (the reference when there is one, the adapters-off view
+  with LoRA, else a frozen copy of the checkpoint)."""
+  if not config.eval_num_prompts:
+    return None
+  if ALGORITHMS[algorithm].head == "score":
+    raise ValueError(f"eval_num_prompts={config.eval_num_prompts}: the reward model does not "
+                     "generate; its evaluation is eval_strategy's pair accuracy")
+  from alignax.evaluation import trainer_generation_eval
+  from alignax.models import lora_disabled
+
+  if model.use_peft:
+    baseline = lora_disabled
+  elif reference is not None:
+    baseline = reference
+  else:
+    baseline = load_model(model.model_name_or_path, model, mesh=mesh, head=None, seed=config.seed)
+  return trainer_generation_eval(config, tokenizer=tokenizer, data=data, baseline=baseline,
+                                 mesh=mesh)
+
+
+def _merged(*eval_fns: Callable[[nnx.Module], dict[str, float]] | None
+            ) -> Callable[[nnx.Module], dict[str, float]] | None:
+  """One ``eval_fn`` running each given one and merging their metrics (None: none given)."""
+  given = [fn for fn in eval_fns if fn is not None]
+  if not given:
+    return None
+  return lambda model: {k: v for fn in given for k, v in fn(model).items()}
 
 
 def _trainer(algorithm: str) -> Callable[..., FitResult]:
