@@ -61,10 +61,12 @@ _export("alignax.rewards", "AllRewardsNoneWarning", "RewardEnsemble", "RewardFun
         "soft_overlong_punishment", "think_format_reward")
 # --- layers 3-4: the engine's reference log-probs, precomputed once over a dataset
 _export("alignax.train.reference", "precompute_reference_logps")
+# --- evaluation: reward, win rate, KL to the reference and alignment tax (``alignax eval``)
+_export("alignax.evaluation", "EvalConfig", "evaluate", "win_rate", "length_controlled_win_rate")
 
 # Subpackages reached as attributes (``ax.train.dpo(...)``, ``ax.sampling.generate(...)``), imported
 # on first use like the names above.
-_SUBPACKAGES = ("data", "distributed", "rewards", "sampling", "train")
+_SUBPACKAGES = ("data", "distributed", "evaluation", "rewards", "sampling", "train")
 
 __all__ = ["__version__", *_EXPORTS, *_SUBPACKAGES]
 

@@ -199,3 +199,25 @@ def test_lines_average_their_window_and_ctrl_c_saves_the_step_and_resumes(setup,
   resumed = _sft_fit(setup, tmp_path, max_steps=4, logging_steps=2,
                      resume_from_checkpoint="true")
   assert [h["step"] for h in resumed.history if "loss" in h] == [2, 3, 4]
+
+
+def test_an_export_keeps_the_checkpoints_generation_config(setup, tmp_path):
+  # Its EOS ids (several in Llama-3 / Qwen chat checkpoints) are where generation stops.
+  import shutil
+
+  from alignax.sampling import checkpoint_stop_token_ids
+  from alignax.train.trainers import make_export
+
+  _, tokenizer, base = setup
+  source = tmp_path / "chat"
+  shutil.copytree(base, source)
+  (source / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 2]}))
+  for peft in (False, True):
+    out = tmp_path / f"out_peft_{peft}"
+    model = ax.from_pretrained(source)
+    if peft:
+      ax.apply_lora(model, ax.LoRAConfig(rank=2), rngs=nnx.Rngs(0))
+    make_export(train.ModelConfig(model_name_or_path=str(source), use_peft=peft,
+                                  merge_adapters=peft), tokenizer)(model, str(out))
+    exported = out / "merged" if peft else out
+    assert checkpoint_stop_token_ids(str(exported))[:2] == (7, 2)

@@ -36,6 +36,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -55,6 +56,7 @@ from alignax.train.step import make_eval_step
 logger = logging.getLogger("alignax.train")
 
 MERGED_DIR = "merged"
+GENERATION_CONFIG_NAME = "generation_config.json"
 
 
 class Algorithm(NamedTuple):
@@ -233,8 +235,29 @@ def make_export(model_config: ModelConfig, tokenizer: Any) -> Callable[[nnx.Modu
         json.dump(adapter, f, indent=2, sort_keys=True)
     if jax.process_index() == 0:
       tokenizer.save_pretrained(output_dir)
+      _copy_generation_config(model_config.model_name_or_path, output_dir)
+      if model_config.use_peft and model_config.merge_adapters:
+        _copy_generation_config(model_config.model_name_or_path,
+                                os.path.join(output_dir, MERGED_DIR))
 
   return export
+
+
+def _copy_generation_config(source: str, output_dir: str) -> None:
+  """Carries a local checkpoint's ``generation_config.json`` into an export: its EOS ids (several
+  in Llama-3 / Qwen chat checkpoints) are where ``transformers`` ``generate`` and
+  ``alignax.sampling.checkpoint_stop_token_ids`` stop."""
+  if os.path.isdir(source):
+    path = os.path.join(source, GENERATION_CONFIG_NAME)
+    if os.path.isfile(path):
+      shutil.copyfile(path, os.path.join(output_dir, GENERATION_CONFIG_NAME))
+    return
+  from transformers import GenerationConfig
+
+  try:  # a hub id: the file is in the local cache when the model was loaded from the hub
+    GenerationConfig.from_pretrained(source).save_pretrained(output_dir)
+  except OSError:  # the checkpoint has none (or it cannot be fetched): nothing to carry over
+    pass
 
 
 def _record(output_dir: str, algorithm: str, model: ModelConfig, data: DataConfig,
@@ -333,7 +356,10 @@ def run(algorithm: str, config: TrainingConfig, *, model: ModelConfig, data: Dat
         batch_size=config.per_device_eval_batch_size * devices, config=data, mesh=device_mesh)
       train = precompute(train)
       test = None if test is None else precompute(test)
-      reference = None  # the step reads the batches' ref_logps instead
+      # The step reads the batches' ref_logps instead: drop every handle on the reference so its
+      # weights are freed before training (an fp32 8B reference is 32 GB over the mesh).
+      del precompute
+      reference = None
 
   batches = make_batches(train, batch_size=rows, config=data, process_index=jax.process_index(),
                          process_count=hosts)
