@@ -1,4 +1,5 @@
-"""``alignax sft|reward|dpo|kto|orpo|simpo|cpo [flags]``: the trainers from the command line.
+"""``alignax sft|reward|dpo|kto|orpo|simpo|cpo|grpo|ppo [flags]``: the trainers from the command
+line.
 
 Flags are TRL's (``transformers.HfArgumentParser`` over the algorithm's config, ``ModelConfig``,
 ``alignax.data.DataConfig`` and ``MeshConfig``), so a TRL command line carries over::
@@ -31,10 +32,16 @@ import transformers
 from alignax.data import DataConfig
 from alignax.train.config import MeshConfig, ModelConfig
 from alignax.train.grpo import GRPOConfig
+from alignax.train.ppo_trainer import PPOConfig
 from alignax.train.trainers import ALGORITHMS
 
-# Every training command and its config class (GRPO runs its own generate-score-update loop).
-TRAINERS = {**{name: spec.config for name, spec in ALGORITHMS.items()}, "grpo": GRPOConfig}
+# Every training command and its config class (GRPO and PPO run their own generate-score-update
+# loops).
+TRAINERS = {**{name: spec.config for name, spec in ALGORITHMS.items()}, "grpo": GRPOConfig,
+            "ppo": PPOConfig}
+# Online trainers: command -> (module, function).
+ONLINE_TRAINERS = {"grpo": ("alignax.train.grpo", "grpo"),
+                   "ppo": ("alignax.train.ppo_trainer", "ppo")}
 
 USAGE = f"""usage: alignax {{{",".join(TRAINERS)}}} [flags] [--config FILE.yaml] [--debug]
 
@@ -49,6 +56,7 @@ commands:
   simpo    SimPO (preference data, no reference)
   cpo      contrastive preference optimisation (preference data, no reference)
   grpo     group relative policy optimisation and its variants (prompt data, reward functions)
+  ppo      PPO with a critic, a frozen reward model and a KL-penalised reward (prompt data)
 
 other commands:
   demo     the end-to-end demo: SFT, reward model, DPO and GRPO on a tiny model (no downloads)
@@ -204,7 +212,8 @@ def parse(command: str, argv: Sequence[str]) -> tuple[Any, ModelConfig, DataConf
     close = difflib.get_close_matches(unknown.split("=", 1)[0], _option_names(parser), n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     raise UsageError(f"unrecognised argument {unknown}{hint}")
-  if not model.model_name_or_path:
+  # PPO names its policy TRL's way, --sft_model_path; --model_name_or_path may stand in for it.
+  if not model.model_name_or_path and not getattr(config, "sft_model_path", None):
     raise UsageError("--model_name_or_path is required: a checkpoint directory or a hub id")
   data = DataConfig(**dataclasses.asdict(data_args), seed=config.seed)
   return config, model, data, mesh
@@ -269,10 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   try:
     _initialize_distributed(mesh)
-    if command == "grpo":
-      from alignax.train.grpo import grpo
+    if command in ONLINE_TRAINERS:
+      import importlib
 
-      grpo(config, model=model, data=data, mesh=mesh)
+      module, name = ONLINE_TRAINERS[command]
+      getattr(importlib.import_module(module), name)(config, model=model, data=data, mesh=mesh)
     else:
       run(command, config, model=model, data=data, mesh=mesh)
   except KeyboardInterrupt as e:

@@ -3,7 +3,8 @@
 ``alignax.train.sft``, ``reward``, ``dpo``, ``kto``, ``orpo``, ``simpo`` and ``cpo`` each train a
 model from a config (``SFTConfig``, ..., plus ``ModelConfig``, ``alignax.data.DataConfig`` and
 ``MeshConfig``) and write a TRL-style output directory; ``alignax <algorithm> --flags`` is the same
-from the command line (``alignax.cli``). Names resolve lazily, so importing one engine module does
+from the command line (``alignax.cli``). ``ppo`` (``PPOConfig``) is the online PPO trainer with a
+critic (``alignax.train.ppo_trainer``). Names resolve lazily, so importing one engine module does
 not import the trainers.
 """
 
@@ -17,6 +18,8 @@ _EXPORTS: dict[str, str] = {
   **{name: "alignax.train.trainers" for name in (
     "sft", "reward", "dpo", "kto", "orpo", "simpo", "cpo", "run", "ALGORITHMS",
     "make_evaluator")},
+  "ppo": "alignax.train.ppo_trainer",
+  "PPOConfig": "alignax.train.ppo_trainer",
   "fit": "alignax.train.loop",
   "FitResult": "alignax.train.loop",
   "NonFiniteError": "alignax.train.step",
