@@ -265,6 +265,14 @@ def load_experiment(spec: str) -> types.ModuleType:
       raise ExperimentError(f"experiment file {spec!r} does not exist")
     stem = os.path.splitext(os.path.basename(path))[0]
     name = f"alignax_experiment_{stem}"
+    folder = os.path.dirname(path)
+    if os.path.isfile(os.path.join(folder, "__init__.py")):
+      # A file of a package (experiments/NAME.py) imports its siblings as `experiments.helper`, as
+      # under `python -m experiments.NAME`: put the package's parent on the path (a console
+      # script does not put the working directory there).
+      root = os.path.dirname(folder)
+      if root not in sys.path:
+        sys.path.insert(0, root)
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module  # dataclasses resolve their module by name while it executes

@@ -166,6 +166,24 @@ def test_load_experiment_from_a_path_and_a_module_name():
     experiment.check_module(broken)
 
 
+def test_an_experiment_file_of_a_package_imports_its_siblings_by_package_name(tmp_path,
+                                                                              monkeypatch):
+  # As `alignax run mylab/exp.py` from anywhere: exp.py does `from mylab import helper`.
+  package = tmp_path / "mylab_h1"
+  package.mkdir()
+  (package / "__init__.py").write_text("")
+  (package / "helper.py").write_text("VALUE = 3\n")
+  (package / "exp.py").write_text(
+    "import dataclasses\nfrom mylab_h1 import helper\nCLAIM = PAPER = 'x'\n"
+    "@dataclasses.dataclass\nclass Config:\n  seed: int = 0\n  n: int = helper.VALUE\n"
+    "def run(config):\n  return {}\ndef criteria(config, measured):\n  return []\n")
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  monkeypatch.chdir(elsewhere)
+  monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+  assert experiment.load_experiment(str(package / "exp.py")).Config().n == 3
+
+
 def test_criterion_rules_statistics_and_non_finite_values():
   within = experiment.criterion("w", paper_value=1.0, values=[0.96, 1.04], tolerance=0.05)
   assert within["passed"] and within["measured"]["std"] == pytest.approx(np.std([0.96, 1.04],
