@@ -5,6 +5,7 @@ the completions log, and named errors for bad input."""
 import glob
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -495,3 +496,55 @@ def test_a_round_with_nothing_to_learn_skips_the_optimizer_and_logp_is_micro_bat
   after = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     np.testing.assert_array_equal(a, b)
+
+
+# Without stop tokens every completion has the same length: no length-controlled win rate.
+@pytest.mark.filterwarnings("ignore:the length-controlled win rate")
+def test_in_training_eval_logs_against_the_frozen_starting_policy(setup, tmp_path):
+  """eval_num_prompts > 0: every eval_steps (and at the end) the policy is sampled on the eval
+  prompts and compared with a frozen copy of the starting model: eval/reward, eval/win_rate and
+  eval/kl on lines of their own; the baseline's numbers never move, and the KL to it grows from
+  0 once the policy has learned."""
+  tokenizer, base, mesh = setup
+  model = ax.from_pretrained(base, mesh=mesh)
+  config = _config(tmp_path, max_steps=4, logging_steps=1, eval_steps=2, eval_num_prompts=2,
+                   eval_num_samples=2, eval_max_completion_length=8,
+                   per_device_eval_batch_size=1)
+  result = grpo(config, model=model, reward_funcs=[even_fraction], tokenizer=tokenizer,
+                train_dataset=PROMPTS, mesh=mesh,
+                eval_dataset=[{"prompt": "count 99 pears"}, {"prompt": "count 7 plums"}])
+  lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  evals = [m for m in lines if "eval/reward" in m]
+  assert [m["step"] for m in evals] == [2, 4]
+  assert all("loss" not in m for m in evals)  # a line of its own
+  for m in evals:
+    for key in ("eval/reward", "eval/win_rate", "eval/kl", "eval/reward_baseline"):
+      assert np.isfinite(m[key]), (key, m)
+    assert 0.0 <= m["eval/win_rate"] <= 1.0
+  # A baseline that followed the policy (no copy before the first, donating step) would give KL 0
+  # and a moving baseline reward.
+  assert evals[0]["eval/reward_baseline"] == evals[1]["eval/reward_baseline"]
+  assert evals[1]["eval/kl"] > 1e-3
+  assert [h["step"] for h in result.history if "eval/kl" in h] == [2, 4]
+
+
+def test_multi_host_refusals_are_named(setup, tmp_path, monkeypatch):
+  """With several processes, each host scores its own rows: reward models (a forward on the global
+  mesh) and the one-host generation evaluation are refused by name before any work."""
+  tokenizer, base, mesh = setup
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  model = ax.from_pretrained(base, mesh=mesh)
+  with pytest.raises(ValueError, match="eval_num_prompts=2: the in-training generation"):
+    grpo(_config(tmp_path, eval_num_prompts=2), model=model, reward_funcs=[even_fraction],
+         tokenizer=tokenizer, train_dataset=PROMPTS, mesh=mesh)
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  # 8 completions x 2 devices / 4 per group = 4 prompts per round: no whole share for 3 hosts.
+  with pytest.raises(ValueError, match="the 4 prompts drawn per generation batch do not split "
+                                       "over the 3 processes"):
+    grpo(_config(tmp_path), model=model, reward_funcs=[even_fraction], tokenizer=tokenizer,
+         train_dataset=PROMPTS, mesh=mesh)
+  from alignax.rewards import RewardModelScorer
+
+  scorer = RewardModelScorer.__new__(RewardModelScorer)
+  with pytest.raises(ValueError, match=r"reward models \(\['RewardModelScorer'\]\)"):
+    grpo_module._check_multi_host_rewards(types.SimpleNamespace(sources=[even_fraction, scorer]))

@@ -30,6 +30,16 @@ The rounds run in :func:`alignax.train.online.run_rounds`, the loop PPO shares: 
 is one update; a round spans ``num_iterations`` of them, and checkpoints are taken at round
 boundaries only, so a resumed run regenerates nothing and, with the sampler's key derived from the
 checkpointed RNG and the round index, replays the same trajectory.
+With ``eval_num_prompts > 0`` the loop also runs :func:`alignax.evaluation.trainer_generation_eval`
+every ``eval_steps`` against the starting policy (``eval/reward``, ``eval/win_rate``, ``eval/kl``,
+``eval/tax``).
+
+Multi-host, each host draws its block of the prompts and the whole batch is sampled on the global
+mesh; a host's reward functions score only its own prompts' groups (rows ``p·G + g`` of its
+prompts), and the rewards, texts and reward metrics are gathered (:func:`_gather_scores`), so the
+advantages, batch statistics (``reward_std``, ``scale_rewards="batch"``, REINFORCE++'s whitening,
+dynamic sampling's selection), logged means, ``num_tokens`` and skipped-update decisions are those
+of one host running the same global batch; the stored log-probs are global arrays.
 """
 
 import dataclasses
@@ -51,9 +61,10 @@ from alignax import _validate
 from alignax.aggregation import masked_count
 from alignax.kl import KL_ESTIMATORS
 from alignax.train.config import TrainingConfig
-from alignax.train.online import (Round, as_text, check_prompt_budget, completion_logprobs,
-                                  micro_batched_logprobs, place_micro_batches, prompt_dataset,
-                                  run_rounds, to_token_positions)
+from alignax.train.online import (Round, as_text, check_prompt_budget, completion_logprobs, fetch,
+                                  gather_objects, gather_rows, micro_batched_logprobs,
+                                  place_micro_batches, prompt_dataset, run_rounds,
+                                  to_token_positions)
 from alignax.train.step import Objective, TrainState
 
 logger = logging.getLogger("alignax.train")
@@ -503,6 +514,57 @@ def _reward_metrics(rewards: np.ndarray, scored: Any) -> dict[str, float]:
   return metrics
 
 
+def _own_rows(rows: int) -> slice:
+  """This host's block of a generation batch of ``rows`` rows: the completions of its own
+  prompts (``make_batches`` gives host ``i`` the ``i``-th block of the global prompts, and a
+  prompt's ``G`` completions follow it), so groups never straddle hosts."""
+  share = rows // jax.process_count()
+  return slice(jax.process_index() * share, (jax.process_index() + 1) * share)
+
+
+def _gather_scores(scored: Any, prompts: list[str], completions: list[str]
+                   ) -> tuple[Any, list[str], list[str]]:
+  """The whole batch's rewards, prompt texts and completions from each host's own rows (a
+  one-host run's come back as they are).
+
+  The runner's metrics are the whole batch's: ``rewards/{name}/mean`` and ``/std`` and
+  ``rewards/all_none_count`` recomputed from the gathered rewards, ``timeouts`` summed over the
+  hosts' calls, and every other (``log_metric``) value averaged over the hosts, whose row counts
+  are equal.
+
+  Raises:
+    ValueError: the hosts' reward runners report different metric names (a ``log_metric`` call
+      made on some hosts only), naming them.
+  """
+  if jax.process_count() == 1:
+    return scored, prompts, completions
+  arrays = gather_rows({"rewards": np.asarray(scored.rewards, np.float32),
+                        "per_source": np.asarray(scored.per_source, np.float32),
+                        "all_none": np.asarray(scored.all_none, bool)})
+  hosts = gather_objects({"prompts": prompts, "completions": completions,
+                          "metrics": {k: float(v) for k, v in scored.metrics.items()}})
+  names = set(hosts[0]["metrics"])
+  for index, host in enumerate(hosts):
+    if set(host["metrics"]) != names:
+      raise ValueError(
+        f"the reward runners of process 0 and process {index} log different metrics "
+        f"({sorted(names ^ set(host['metrics']))}): a reward function's log_metric must be "
+        "called on every host")
+  metrics = {}
+  for key in hosts[0]["metrics"]:
+    values = [host["metrics"][key] for host in hosts]
+    metrics[key] = sum(values) if key.endswith("/timeouts") else float(np.mean(values))
+  for index, name in enumerate(scored.names):
+    column = arrays["per_source"][:, index].astype(np.float64)
+    column = column[~np.isnan(column)]
+    metrics[f"rewards/{name}/mean"] = float(column.mean()) if column.size else math.nan
+    metrics[f"rewards/{name}/std"] = float(np.std(column, ddof=1)) if column.size > 1 else math.nan
+  metrics["rewards/all_none_count"] = float(arrays["all_none"].sum())
+  whole = types.SimpleNamespace(names=scored.names, metrics=metrics, **arrays)
+  return (whole, [p for host in hosts for p in host["prompts"]],
+          [text for host in hosts for text in host["completions"]])
+
+
 class _Rollout:
   """Builds the stored generation batch of one round (host NumPy, log-probs on the mesh)."""
 
@@ -524,30 +586,39 @@ class _Rollout:
     nnx.update(self.model, state.params, state.frozen)
     timings = {}
     start = time.perf_counter()
-    sample = generate(self.model, prompts["input_ids"], prompts["attention_mask"],
+    # Multi-host: every host samples the whole batch (the hosts' prompt blocks in process order,
+    # the one-host batch) on the global mesh and holds the result; the reward functions then score
+    # each host's own rows, and everything after the rewards (advantages, statistics, stored
+    # log-probs) is computed from the gathered batch, the same on every host as on one.
+    local_prompts = {k: np.asarray(prompts[k]) for k in ("input_ids", "attention_mask")}
+    whole = gather_rows(local_prompts)
+    sample = generate(self.model, whole["input_ids"], whole["attention_mask"],
                       max_new_tokens=c.max_completion_length, temperature=c.temperature,
                       top_k=c.top_k or None, top_p=None if c.top_p >= 1 else c.top_p,
                       min_p=c.min_p, num_samples=group, key=key,
                       stop_token_ids=self.stop_token_ids)
-    sample = jax.device_get(sample)
+    sample = fetch(sample)
     timings["time/generation"] = time.perf_counter() - start
 
     start = time.perf_counter()
     lengths = np.asarray(sample.lengths)
     tokens = np.asarray(sample.tokens)
-    completion_ids = [row[:n].tolist() for row, n in zip(tokens, lengths)]
+    own = _own_rows(tokens.shape[0])
+    completion_ids = [row[:n].tolist() for row, n in zip(tokens[own], lengths[own])]
     completions = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     extras = dict(prompts.get("extras", {}))
     prompt_values = extras.pop("prompt", None)
     if prompt_values is None:  # prompts given as ids only: their decoded text stands in
       prompt_values = self.tokenizer.batch_decode(
-        [row[m.astype(bool)].tolist() for row, m in zip(prompts["input_ids"],
-                                                        prompts["attention_mask"])],
+        [row[m.astype(bool)].tolist() for row, m in zip(local_prompts["input_ids"],
+                                                        local_prompts["attention_mask"])],
         skip_special_tokens=True)
     scored = self.runner(list(prompt_values), completions, completion_ids, columns=extras,
                          num_generations=group,
                          trainer_state=types.SimpleNamespace(global_step=step,
                                                              max_steps=self.max_steps))
+    scored, prompt_values, completions = _gather_scores(scored, [as_text(v) for v in prompt_values],
+                                                        completions)
     rewards = _rewards(scored).reshape(-1, group)
     timings["time/reward"] = time.perf_counter() - start
 
@@ -578,8 +649,8 @@ class _Rollout:
 
     start = time.perf_counter()
     # As training splits it: one micro-batch's activations at a time.
-    placed = place_micro_batches(batch, self.mesh, accumulation)
-    old_logp = np.asarray(jax.device_get(self.logp_fn(state.params, state.frozen, placed)))
+    placed = place_micro_batches(batch, self.mesh, accumulation, global_batch=True)
+    old_logp = fetch(self.logp_fn(state.params, state.frozen, placed))
     old_logp = old_logp.reshape(-1, total)
     timings["time/old_logp"] = time.perf_counter() - start
     sampler_logp = to_token_positions(np.asarray(sample.logprobs, np.float32)[rows],
@@ -602,19 +673,19 @@ class _Rollout:
     if c.entropy_coef > 0:
       stored["entropy_norm"] = np.full(input_ids.shape[0], input_ids.shape[0]
                                        / max(int(valid.sum()), 1), np.float32)
-    placed.update(place_micro_batches(stored, self.mesh, accumulation))
+    placed.update(place_micro_batches(stored, self.mesh, accumulation, global_batch=True))
     if self.reference_fn is not None:
       start = time.perf_counter()
-      ref_logp = np.asarray(jax.device_get(self.reference_fn(state, placed)), np.float32)
+      ref_logp = np.asarray(fetch(self.reference_fn(state, placed)), np.float32)
       placed.update(place_micro_batches({"ref_logp": ref_logp.reshape(-1, total)}, self.mesh,
-                                        accumulation))
+                                        accumulation, global_batch=True))
       timings["time/reference"] = time.perf_counter() - start
 
     metrics.update(timings)
     metrics.update(self._length_metrics(lengths[rows], stopped))
     trainable = bool(valid.any()) and (c.beta > 0 or c.entropy_coef > 0
                                        or bool(np.any(advantages[valid] != 0)))
-    table = [{"prompt": as_text(prompt_values[r // group]), "completion": completions[r],
+    table = [{"prompt": prompt_values[r // group], "completion": completions[r],
               "reward": None if np.isnan(rewards.reshape(-1)[i])
               else float(rewards.reshape(-1)[i]),
               **{f"rewards/{name}": (None if np.isnan(v) else float(v))
@@ -678,7 +749,8 @@ def _reward_runner(config: GRPOConfig, reward_funcs: Any, *, tokenizer: Any,
 def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer: Any = None,
          train_dataset: Any = None, data: Any = None, mesh: Any = None,
          reference: nnx.Module | None = None,
-         on_step: Callable[[int, dict[str, float]], None] | None = None) -> Any:
+         on_step: Callable[[int, dict[str, float]], None] | None = None,
+         eval_dataset: Any = None) -> Any:
   """Trains a policy with GRPO (see the module docstring) and writes a TRL-style ``output_dir``.
 
   Args:
@@ -696,14 +768,30 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
     reference: the frozen reference for ``beta > 0``; default a copy of the initial policy (with
       LoRA, the policy with its adapters off). Ignored (and never built) when ``beta == 0``.
     on_step: called after every optimizer step with its metrics.
+    eval_dataset: the prompts of the in-training evaluation (``config.eval_num_prompts`` > 0):
+      rows with a ``prompt`` column, a prepared ``task="prompt"`` dataset or a path; None takes
+      ``data``'s test split. Every ``eval_steps`` the policy is sampled on them and compared with
+      its starting point (:func:`alignax.evaluation.trainer_generation_eval`; rewards:
+      ``config.eval_reward_funcs`` else GRPO's own), logging ``eval/reward``,
+      ``eval/win_rate``, ``eval/kl`` (and ``eval/tax`` with ``eval_tax_dataset``).
+
+  Multi-host (after ``alignax.distributed.initialize``, every process calling ``grpo`` with the
+  same arguments): each host draws its block of the prompts, all hosts sample the whole batch on
+  the global mesh, each host's reward functions score its own prompts' completions (groups never
+  straddle hosts), and the rewards are gathered, so advantages, batch statistics, logged metrics
+  and skipped-update decisions are those of a one-host run of the same batch. Process 0 writes
+  the logs and the completions (every host's rows); checkpoints are collective. Reward models
+  and the in-training evaluation are single-host only.
 
   Returns:
     ``alignax.train.FitResult``: the trained model, final state and logged history.
 
   Raises:
     ValueError: named bad input (no reward, no prompts, a prompt longer than the position budget,
-      a group split across rows, ...); ``alignax.rewards.RewardFunctionError`` when a reward
-      function raises or returns the wrong number of rewards.
+      a group split across rows, prompts per round that do not split over the hosts, reward
+      models or ``eval_num_prompts`` in a multi-host run, ...);
+      ``alignax.rewards.RewardFunctionError`` when a reward function raises or returns the wrong
+      number of rewards.
   """
   from alignax.data import DataConfig, make_batches, steps_per_epoch
   from alignax.train.config import ModelConfig
@@ -713,9 +801,11 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
 
   if not isinstance(config, GRPOConfig):
     raise ValueError(f"grpo takes a GRPOConfig, got {type(config).__name__}")
-  if jax.process_count() > 1:
-    raise ValueError("grpo runs on a single host: its rollout gathers the generation batch on "
-                     f"the host, and this run has {jax.process_count()} processes")
+  hosts = jax.process_count()
+  if hosts > 1 and config.eval_num_prompts:
+    raise ValueError(f"eval_num_prompts={config.eval_num_prompts}: the in-training generation "
+                     f"evaluation runs on one host, and this run has {hosts} processes; set "
+                     "eval_num_prompts=0 and evaluate the saved checkpoints with alignax eval")
   mesh = resolve_mesh(mesh)
   data = data or DataConfig()
   trainable: Any = nnx.Param
@@ -761,6 +851,8 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
   check_prompt_budget(dataset, max_completion_length=config.max_completion_length,
                        limit=model.config.max_position_embeddings)
   runner = _reward_runner(config, reward_funcs, tokenizer=tokenizer, mesh=mesh)
+  if hosts > 1:
+    _check_multi_host_rewards(runner)
 
   devices = data_parallel_size(mesh)
   completions_per_step = (config.per_device_train_batch_size * devices
@@ -776,7 +868,13 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
       raise ValueError(f"{len(dataset)} prompts make no batch of {prompts_drawn} prompts; lower "
                        "per_device_train_batch_size or set max_steps")
     max_steps = max(1, math.ceil(config.num_train_epochs * rounds)) * config.num_iterations
-  iterator = iter(make_batches(dataset, batch_size=prompts_drawn, config=data))
+  if prompts_drawn % hosts:
+    raise ValueError(f"the {prompts_drawn} prompts drawn per generation batch do not split over "
+                     f"the {hosts} processes: each host samples and scores whole groups of its own "
+                     "prompts; change per_device_train_batch_size, num_generations or "
+                     "gradient_accumulation_steps")
+  iterator = iter(make_batches(dataset, batch_size=prompts_drawn // hosts, config=data,
+                               process_index=jax.process_index(), process_count=hosts))
 
   graphdef, params, frozen = nnx.split(model, trainable, ...)
   if not jax.tree.leaves(params):
@@ -794,9 +892,25 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
                      logp_fn=logp_fn, reference_fn=reference_fn, max_steps=max_steps,
                      prompts_kept=prompts_per_step, stop_token_ids=stop_token_ids)
 
+  generation_eval = _generation_eval(config, model=model, reference=reference,
+                                     trainable=trainable, tokenizer=tokenizer, data=data,
+                                     mesh=mesh, runner=runner, prompts=eval_dataset)
+
   def update(state: TrainState, batch: Any, iteration: int):
     del iteration  # every update of a round takes the whole generation batch
     return step_fn(state, batch)
+
+  def evaluate(state: TrainState) -> dict[str, float]:
+    nnx.update(model, state.params, state.frozen)
+    return generation_eval(model)
+
+  def close() -> None:
+    try:
+      if generation_eval is not None:
+        generation_eval.close()
+    finally:
+      if hasattr(runner, "close"):
+        runner.close()
 
   def export_model(state: TrainState) -> None:
     nnx.update(model, state.params, state.frozen)
@@ -814,8 +928,44 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
                              else list(stop_token_ids)},
                 **({"model_config": dataclasses.asdict(model_config)}
                    if model_config is not None else {})},
-    export=export_model, on_step=on_step, on_close=getattr(runner, "close", None))
+    export=export_model, on_step=on_step, on_close=close,
+    evaluate=None if generation_eval is None else evaluate)
   return FitResult(model=model, state=result.state, history=result.history)
+
+
+def _check_multi_host_rewards(runner: Any) -> None:
+  """Refuses reward models in a multi-host run: each host scores only its own rows, and a reward
+  model's forward on the global mesh would need every host to pass the same batch."""
+  from alignax.rewards import RewardEnsemble, RewardModelScorer
+
+  models = [type(s).__name__ for s in getattr(runner, "sources", ())
+            if isinstance(s, (RewardModelScorer, RewardEnsemble))]
+  if models:
+    raise ValueError(f"grpo with {jax.process_count()} processes scores each host's completions "
+                     f"on that host, which reward functions do but reward models ({models}) "
+                     "cannot (their forward runs on the global mesh): run reward models on one "
+                     "host, or wrap one as a reward function served elsewhere")
+
+
+def _generation_eval(config: GRPOConfig, *, model: nnx.Module, reference: nnx.Module | None,
+                     trainable: Any, tokenizer: Any, data: Any, mesh: jax.sharding.Mesh,
+                     runner: Any, prompts: Any) -> Any:
+  """The in-training evaluation of ``config.eval_num_prompts`` (None when 0): the policy against
+  its starting point, the reference when one was given or loaded, the adapters-off view with
+  LoRA, else a frozen copy of the model taken now, before the first step."""
+  if not config.eval_num_prompts:
+    return None
+  from alignax.evaluation import frozen_copy, trainer_generation_eval
+  from alignax.models import LoRAParam, lora_disabled
+
+  if reference is not None:
+    baseline = reference
+  elif trainable is LoRAParam:
+    baseline = lora_disabled
+  else:
+    baseline = frozen_copy(model)
+  return trainer_generation_eval(config, tokenizer=tokenizer, data=data, baseline=baseline,
+                                 mesh=mesh, reward_funcs=runner.sources, prompts=prompts)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,14 @@ then ``updates_per_round`` optimizer steps on it (GRPO's ``num_iterations``; PPO
 minibatches). :func:`run_rounds` is the loop around them that every online trainer shares, as
 ``alignax.train.loop.fit`` is for the offline ones: progress bar, ``num_tokens``, timing, metrics
 averaged over the logging window, completions, checkpoints at round boundaries, exact resume,
-Ctrl-C and the final export. A trainer supplies two callables, the rollout and the update.
+Ctrl-C, the in-training evaluation and the final export. A trainer supplies two callables, the
+rollout and the update (and optionally a third, the evaluation).
+
+Multi-host: :func:`run_rounds` writes from process 0 and checkpoints collectively; a rollout
+moves its host data between hosts with :func:`gather_rows` (each host's rows, concatenated in
+process order, on every host), :func:`gather_objects` (JSON values: texts, metric dicts) and
+:func:`fetch` (a global array, whole, on every host), and places a batch every host holds whole
+with ``place_micro_batches(..., global_batch=True)``.
 """
 
 import dataclasses
@@ -70,17 +77,62 @@ def shard_rows(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[st
 
 
 def place_micro_batches(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
-                         accumulation: int) -> dict[str, jax.Array]:
-  """``[B, ...]`` host arrays -> ``[k, B/k, ...]`` global arrays, rows over ``(data, fsdp)``."""
+                         accumulation: int, *, global_batch: bool = False
+                         ) -> dict[str, jax.Array]:
+  """``[B, ...]`` host arrays -> ``[k, B/k, ...]`` global arrays, rows over ``(data, fsdp)``.
+
+  ``global_batch=False``: each host passes its own block of rows (``B`` is this host's share);
+  ``True``: every host passes the whole batch, the same on each, and keeps the rows its devices
+  hold (so the micro-batches are those of a one-host run of the same batch).
+  """
   from alignax.train.step import split_micro_batches
 
   micro = split_micro_batches(batch, accumulation)
 
   def place(x):
     spec = PartitionSpec(None, ("data", "fsdp"), *([None] * (x.ndim - 2)))
-    return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x)
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x,
+                                                  x.shape if global_batch else None)
 
   return {k: place(v) for k, v in micro.items()}
+
+
+def gather_rows(tree: Any) -> Any:
+  """Each host's arrays (a pytree of ``[n, ...]`` NumPy arrays, the same shapes on every host)
+  concatenated along their first axis in process order: the rows of every host, on every host.
+  A collective (every process calls it, in the same order); a one-host run gets ``tree`` back."""
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils
+
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def fetch(tree: Any) -> Any:
+  """A pytree of arrays as NumPy on this host, whole: arrays with shards on other hosts are
+  gathered (one ``process_allgather`` for the tree, a collective every process must call)."""
+  leaves = jax.tree.leaves(tree)
+  if all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in leaves):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+  from jax.experimental import multihost_utils
+
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def gather_objects(value: Any) -> list[Any]:
+  """Every host's ``value`` (JSON-serialisable), in process order, on every host: two small
+  collectives (the payload lengths, then the padded payloads). A one-host run gets ``[value]``."""
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils
+
+  payload = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.asarray([payload.size], np.int64)))
+  lengths = lengths.reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:payload.size] = payload
+  gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(gathered, lengths)]
 
 
 def to_token_positions(per_completion: np.ndarray, prompt_length: int, total: int) -> np.ndarray:
@@ -237,7 +289,8 @@ def run_rounds(config: Any, *, state: TrainState, mesh: jax.sharding.Mesh, itera
                export: Callable[[TrainState], None] | None = None,
                on_step: Callable[[int, dict[str, float]], None] | None = None,
                on_close: Callable[[], None] | None = None,
-               host_state: Any = None) -> RoundsResult:
+               host_state: Any = None,
+               evaluate: Callable[[TrainState], dict[str, float]] | None = None) -> RoundsResult:
   """Runs an online trainer's rounds: ``max_steps / updates_per_round`` × (one rollout, then
   ``updates_per_round`` optimizer steps on it), and writes a TRL-style ``output_dir``.
 
@@ -282,6 +335,11 @@ def run_rounds(config: Any, *, state: TrainState, mesh: jax.sharding.Mesh, itera
       adaptive KL coefficient): an object with ``state_dict() -> dict`` (JSON-serialisable) and
       ``load_state_dict(dict)``, saved in every checkpoint beside the prompt iterator's position
       and loaded on resume.
+    evaluate: ``state -> metrics``, the in-training evaluation (e.g. an
+      ``alignax.evaluation.trainer_generation_eval`` on the model updated from ``state``), run
+      after every ``eval_steps``-th step (``logging_steps`` when unset) and the last, on every
+      process (sampling on the mesh is collective); its metrics are logged on a line of their own
+      at that step, under their own keys (``eval/reward``, ``eval/win_rate``, ``eval/kl``, ...).
 
   Returns:
     :class:`RoundsResult`.
@@ -342,6 +400,7 @@ def run_rounds(config: Any, *, state: TrainState, mesh: jax.sharding.Mesh, itera
     tokens_seen = int(metrics_logger.state.num_input_tokens_seen)
     window = _Window()
     log_completions = getattr(config, "log_completions", True) and main
+    eval_every = config.eval_steps or config.logging_steps
     interrupt.install()
     while step < max_steps:
       try:
@@ -388,6 +447,8 @@ def run_rounds(config: Any, *, state: TrainState, mesh: jax.sharding.Mesh, itera
           metrics_logger.log(step, window.flush())
           if log_completions and generated.completions is not None:
             write_completions(config.output_dir, step, generated.completions)
+        if evaluate is not None and (step % eval_every == 0 or step == max_steps):
+          metrics_logger.log(step, {k: float(v) for k, v in evaluate(state).items()})
       stopping = interrupt.requested
       if stopping and window.steps:  # the partial window's line, saved with the checkpoint
         metrics_logger.log(step, window.flush())
