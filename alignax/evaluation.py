@@ -6,13 +6,18 @@ What one evaluation computes, over ``P`` prompts and ``K`` samples per prompt:
 - **samples**: ``K`` completions per prompt from the policy and from the baseline with
   :func:`alignax.sampling.generate` (temperature, top-k, top-p, min-p or greedy). Both draw with
   the same keys (common random numbers; ``baseline_seed`` draws the baseline apart), so two equal
-  models give equal samples and every comparison between them is exactly even.
+  models give equal samples and every comparison between them is exactly even. Both stop on one
+  set of ids, resolved once from the policy checkpoint (:func:`resolve_stop_token_ids`).
 - **rewards**: every reward source (reward functions with TRL's contract, reward models, reward-
   model ensembles) scores every completion through :class:`alignax.rewards.RewardRunner`; with
-  several sources their weighted sum is reported as one more source, ``total``. Per source: the
-  mean of the policy and of the baseline, their difference, the **win rate** — the share of pairs
-  (prompt ``p``, sample ``k``) where the policy's completion outscores the baseline's, ties
-  counting half — and the **length-controlled win rate** (:func:`length_controlled_win_rate`).
+  several sources their weighted sum is reported as one more source, ``total``
+  (:func:`weighted_total`: NaN where a weighted source returned None). Per source: the mean of
+  the policy and of the baseline, their difference over the pairs scored on both sides, the
+  **win rate** — the share of scored pairs (prompt ``p``, sample ``k``) where the policy's
+  completion outscores the baseline's, ties counting half — the **length-controlled win rate**
+  (:func:`length_controlled_win_rate`; None when the policy is longer, or shorter, in almost
+  every pair, which leaves it unidentified) with the shares of pairs where the policy is
+  shorter, as long and longer, and the count of completions each side left unscored.
 - **KL(policy ‖ reference)** (the reference is the baseline unless given): on each of the
   policy's samples :math:`y`, the exact sequence KL along it,
   :math:`\sum_t \mathrm{KL}(\pi(\cdot|x, y_{<t}) \| \pi_{ref}(\cdot|x, y_{<t}))` over the whole
@@ -25,7 +30,9 @@ What one evaluation computes, over ``P`` prompts and ``K`` samples per prompt:
 - **alignment tax** on a held-out file: with SFT / text rows, the mean NLL per completion token
   of the policy and of the baseline, ``tax = NLL_policy − NLL_baseline``; with prompt rows and
   ``tax_reward_funcs``, the mean reward ("task accuracy" for a 0/1 verifier) of their greedy
-  answers, ``tax = accuracy_baseline − accuracy_policy``. Positive tax: the policy lost.
+  answers, ``tax = accuracy_baseline − accuracy_policy``, over the examples graded on both sides
+  (a None from the grader is no wrong answer: it drops out and is counted under ``unscored``).
+  Positive tax: the policy lost.
 
 Every interval is a percentile bootstrap over prompts (held-out examples for the NLL tax): the
 ``K`` pairs of a prompt are resampled together, and one set of resamples serves every statistic
@@ -57,6 +64,7 @@ import sys
 import time
 import traceback
 import types
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -78,6 +86,15 @@ TOTAL = "total"
 # Ridge penalties (lambda_a, lambda_b) of the length-controlled fit (length_controlled_win_rate):
 # weak, so they only keep the fit finite when the length separates the wins.
 LC_PENALTY = (1e-3, 1e-3)
+# The length-controlled win rate is reported only when each side of a zero length difference holds
+# at least this share of the scored pairs and this many (length_controlled_win_rate).
+LC_MIN_SIDE_SHARE = 0.1
+LC_MIN_SIDE_PAIRS = 5
+
+
+class EvaluationWarning(UserWarning):
+  """A number of the evaluation that rests on less than it seems: unscored completions, a
+  length-controlled win rate that the lengths cannot identify."""
 
 
 # --- statistics ---------------------------------------------------------------------------------
@@ -211,6 +228,27 @@ def _fit_logistic(y: np.ndarray, x: np.ndarray, w: np.ndarray, penalty: tuple[fl
   return theta
 
 
+class LengthControlled(NamedTuple):
+  """What :func:`length_controlled_win_rate` returns.
+
+  Attributes:
+    estimate: the length-controlled win rate with its interval (NaN when not identified).
+    coefficient: the fitted length coefficient ``b`` (positive: longer completions win more;
+      NaN when not identified).
+    identified: whether enough scored pairs lie on each side of a zero length difference for
+      the rate at zero difference to be read off the data rather than extrapolated (see
+      :func:`length_controlled_win_rate`).
+    shares: the shares of the scored pairs where the policy's completion is shorter
+      (``policy_shorter``: ``d < 0``), as long (``equal``: ``d = 0``) and longer
+      (``policy_longer``: ``d > 0``); None each without scored pairs.
+  """
+
+  estimate: Estimate
+  coefficient: float
+  identified: bool
+  shares: dict[str, float | None]
+
+
 def length_controlled_win_rate(
   wins: Float[np.ndarray, "P K"],
   length_difference: Real[np.ndarray, "P K"],
@@ -218,7 +256,9 @@ def length_controlled_win_rate(
   weights: Int[np.ndarray, "B P"],
   confidence: float = 0.95,
   penalty: tuple[float, float] = LC_PENALTY,
-) -> tuple[Estimate, float]:
+  min_side_share: float = LC_MIN_SIDE_SHARE,
+  min_side_pairs: int = LC_MIN_SIDE_PAIRS,
+) -> LengthControlled:
   r"""The win rate at zero length difference (AlpacaEval 2's length control, Dubois et al. 2024,
   "Length-Controlled AlpacaEval"), so verbosity cannot buy wins.
 
@@ -228,17 +268,28 @@ def length_controlled_win_rate(
 
   .. math:: P(w_i = 1) = \sigma\big(a + b \tanh(d_i / s)\big),\qquad s = \mathrm{std}_i(d_i)
 
-  (:math:`\tanh(d/s) = 0` when every difference is equal to 0) is fitted by maximising
+  (:math:`\tanh(d/s) = 0` when every difference is equal) is fitted by maximising
   :math:`\sum_i w_i\log\sigma_i + (1 - w_i)\log(1 - \sigma_i) - \tfrac12(\lambda_a a^2 + \lambda_b
   b^2)` (ties are soft targets of ½; the weak ridge ``penalty``, :data:`LC_PENALTY`, only keeps
-  the fit finite when the length separates the wins, as a length-only judge does). The
-  length-controlled win rate is the fitted probability at zero length difference,
-  :math:`\sigma(a)`: a judge that reads only the length gives 0.5 however much longer the policy
-  is, and with equal lengths throughout it is the plain win rate. AlpacaEval also fits a
+  the fit finite when the length separates the wins). The length-controlled win rate is the
+  fitted probability at zero length difference, :math:`\sigma(a)`. AlpacaEval also fits a
   per-instruction difficulty across many models; with one policy and one baseline there is
   nothing to identify it from, so this is their model with the model term ``a`` and the length
-  term only. When every policy completion is longer, ``σ(a)`` extrapolates the fitted curve to
-  zero difference, as theirs does.
+  term only.
+
+  **Identification.** :math:`\sigma(a)` is read off the data only when pairs lie on both sides of
+  :math:`d = 0`. When the policy's completion is longer in (almost) every pair, a judge that
+  reads only the length and a judge that ignores it give the same data (the policy wins every
+  pair, or wins 70% of pairs at every length), and the fitted value at zero is an extrapolation
+  decided by the ridge and the ``tanh`` shape, anywhere in ``(0, 1)``. The rate is therefore
+  reported only when each side of zero holds at least ``max(min_side_pairs, min_side_share · n)``
+  of the ``n`` scored pairs, pairs of equal length counting for both sides (defaults
+  :data:`LC_MIN_SIDE_PAIRS` = 5 and :data:`LC_MIN_SIDE_SHARE` = 10%); otherwise the estimate and
+  the coefficient are NaN and ``identified`` is False. When identified, a length-blind judge
+  keeps its plain win rate, equal lengths throughout give exactly the plain win rate, and a
+  length-only judge gives 0.5 when pairs of equal length (its ties) pin the curve at zero; with
+  a gap in the differences around zero and no tie inside it, the curve's crossing inside the gap
+  is not pinned by any pair, and the rate can sit away from 0.5.
 
   Args:
     wins: ``[P, K]`` pair wins (NaN: unscored).
@@ -246,26 +297,37 @@ def length_controlled_win_rate(
     weights: ``[B, P]`` resample multiplicities over prompts (the fit is redone per resample).
     confidence: the interval's level.
     penalty: ``(λ_a, λ_b)``.
+    min_side_share: the least share of the scored pairs each side of zero must hold.
+    min_side_pairs: the least number of scored pairs each side of zero must hold.
 
   Returns:
-    ``(estimate, b)``: the length-controlled win rate with its interval, and the fitted length
-    coefficient ``b`` (positive: longer completions win more).
+    A :class:`LengthControlled`: the estimate, the coefficient ``b``, whether the rate is
+    identified and the shares of pairs with the policy shorter, as long and longer.
   """
   from scipy.special import expit
 
   wins = np.asarray(wins, np.float64)
   scored = ~np.isnan(wins)
   rows = np.nonzero(scored)[0]
+  n = int(np.unique(rows).size)
+  missing = Estimate(math.nan, math.nan, math.nan, n)
   if rows.size == 0:
-    return Estimate(math.nan, math.nan, math.nan, 0), math.nan
+    return LengthControlled(missing, math.nan, False,
+                            {"policy_shorter": None, "equal": None, "policy_longer": None})
   y = wins[scored]
   d = np.asarray(length_difference, np.float64)[scored]
+  shorter, equal, longer = int((d < 0).sum()), int((d == 0).sum()), int((d > 0).sum())
+  shares = {"policy_shorter": shorter / d.size, "equal": equal / d.size,
+            "policy_longer": longer / d.size}
+  needed = max(min_side_pairs, min_side_share * d.size)
+  if min(shorter, longer) + equal < needed:
+    return LengthControlled(missing, math.nan, False, shares)
   scale = d.std()
   x = np.tanh(d / scale) if scale > 0 else np.zeros_like(d)
   theta = _fit_logistic(y, x, np.ones((1, y.size)), penalty)[0]
   resampled = expit(_fit_logistic(y, x, np.asarray(weights, np.float64)[:, rows], penalty)[:, 0])
-  n = int(np.unique(rows).size)
-  return _interval(float(expit(theta[0])), resampled, n, confidence), float(theta[1])
+  return LengthControlled(_interval(float(expit(theta[0])), resampled, n, confidence),
+                          float(theta[1]), True, shares)
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -295,12 +357,18 @@ class EvalConfig:
     top_p: nucleus filter (1.0: off).
     min_p: min-p filter (None: off).
     greedy: take the most likely token (num_samples is then best left at 1).
-    stop_token_ids: ids that end a completion (None: the policy's ``eos_token_id``).
+    stop_token_ids: ids that end a completion of either model (None: every EOS id of the policy
+      checkpoint's ``generation_config.json`` and ``config.json``, else the tokenizer's
+      ``eos_token_id``; :func:`resolve_stop_token_ids`; ``eval.json`` records the ids used).
     seed: the sampling keys and the bootstrap.
     baseline_seed: the baseline's sampling seed (None: ``seed``, the same keys as the policy).
     reward_funcs: reward functions: built-in names or ``module.function`` paths.
     reward_model_name_or_path: reward models (alignax or HF ``*ForSequenceClassification``).
-    reward_weights: one weight per source (functions first, then reward models) for ``total``.
+    reward_weights: one weight per source for ``total``, in the sources' order: the reward
+      functions, the reward models, then the ensemble when ``reward_ensemble`` is set (None: 1
+      each, except that an ensemble's members weigh 0: the ensemble stands for them). A source
+      of weight 0 is reported but leaves ``total``; a weighted source that returns None on a
+      completion makes its ``total`` NaN (the pair drops out) rather than 0.
     reward_ensemble: also score with an ensemble of the reward models: ``mean``, ``min`` or
       ``mean_minus_std`` (None: no ensemble).
     tax_dataset: held-out rows for the alignment tax: SFT rows (text, prompt/completion or
@@ -593,6 +661,22 @@ def _left_padded(ids: Sequence[np.ndarray], pad: int) -> tuple[np.ndarray, np.nd
   return out, mask
 
 
+def check_prompt_lengths(prompts: PromptSet, max_new_tokens: int, max_position_embeddings: int,
+                         *, source: str = "dataset_name",
+                         completion_option: str = "max_completion_length") -> None:
+  """Raises ValueError naming the first prompt (its 0-based row in ``source``) that with
+  ``max_new_tokens`` completion tokens runs past ``max_position_embeddings``, and the
+  ``max_prompt_length`` that would make it fit."""
+  for row, ids in enumerate(prompts.ids):
+    if len(ids) + max_new_tokens > max_position_embeddings:
+      raise ValueError(
+        f"{source} row {row} has a prompt of {len(ids)} tokens; with {completion_option}="
+        f"{max_new_tokens} that is {len(ids) + max_new_tokens} positions, more than the model's "
+        f"max_position_embeddings={max_position_embeddings}: set max_prompt_length="
+        f"{max_position_embeddings - max_new_tokens} (prompts keep their last tokens) or lower "
+        f"{completion_option}")
+
+
 def sample_completions(model: nnx.Module, prompts: PromptSet, *, tokenizer: Any, num_samples: int,
                        options: SamplingOptions, key: Array, batch_size: int,
                        reference: nnx.Module | None = None,
@@ -602,6 +686,9 @@ def sample_completions(model: nnx.Module, prompts: PromptSet, *, tokenizer: Any,
   every completion (:class:`Samples`)."""
   from alignax.sampling import generate
 
+  # Here, not in the sampler, so the error names the prompt's row in the set, not in its chunk.
+  check_prompt_lengths(prompts, options.max_new_tokens, model.config.max_position_embeddings,
+                       source="prompts", completion_option="max_new_tokens")
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   parts: dict[str, list[Any]] = {"tokens": [], "lengths": [], "stopped": [], "kl": []}
   # A model against itself has KL 0 by definition; the streamed sums would leave float rounding
@@ -717,7 +804,18 @@ class _Side:
 
   samples: Samples
   scores: np.ndarray  # [N, S'] per source (and the total when S > 1)
-  tax: Any = None  # (nll sums, counts) or accuracy [E]
+  tax: Any = None  # (nll sums, counts) or accuracy [E] (NaN: unscored)
+
+
+def weighted_total(scores: Float[np.ndarray, "N S"], weights: Float[np.ndarray, "S"]
+                   ) -> Float[np.ndarray, "N"]:
+  """``Σ_j w_j · scores[:, j]`` over the sources of non-zero weight, NaN in a row where any of
+  them is NaN (returned None). Unlike the training reward (TRL's ``nansum``, a None counting as
+  0), a pair compared on ``total`` then sums the same sources on both sides, or drops out."""
+  scores = np.asarray(scores, np.float64)
+  weights = np.asarray(weights, np.float64)
+  counted = weights != 0
+  return scores[:, counted] @ weights[counted]
 
 
 class GenerationEval:
@@ -730,21 +828,26 @@ class GenerationEval:
   Args:
     prompts: the prompts (:class:`PromptSet`).
     tokenizer: decodes completions for the reward functions (the policy's and baseline's).
-    runner: the reward sources (:class:`alignax.rewards.RewardRunner`).
+    runner: the reward sources (:class:`alignax.rewards.RewardRunner`); with several, ``total``
+      is their sum weighted by ``runner.weights`` (:func:`weighted_total`).
     baseline: the baseline model, or ``policy -> baseline`` (e.g. ``lora_disabled``).
     reference: the KL reference, or ``policy -> reference``; None: the baseline.
     num_samples: K.
-    options: the sampling options.
+    options: the sampling options; both models stop on ``options.stop_token_ids`` (resolve
+      them once, :func:`resolve_stop_token_ids`: None would let each model stop on its own
+      ``config.json`` ids).
     seed, baseline_seed: the sampling keys (the same by default: common random numbers).
     batch_size: prompts per sampler call.
     tax: the held-out data (:class:`TaxSet`) or None.
     num_bootstrap, confidence: the intervals.
+    close_runner: whether :meth:`close` closes ``runner`` (False for a runner its creator, a
+      trainer, still uses and closes).
   """
 
   def __init__(self, *, prompts: PromptSet, tokenizer: Any, runner: Any, baseline: Any,
                reference: Any = None, num_samples: int, options: SamplingOptions, seed: int = 0,
                baseline_seed: int | None = None, batch_size: int = 16, tax: TaxSet | None = None,
-               num_bootstrap: int = 1000, confidence: float = 0.95):
+               num_bootstrap: int = 1000, confidence: float = 0.95, close_runner: bool = True):
     if len(prompts) == 0:
       raise ValueError("the evaluation has no prompts")
     _validate.positive_int("num_samples", num_samples)
@@ -755,8 +858,11 @@ class GenerationEval:
     self.seed = seed
     self.baseline_seed = seed if baseline_seed is None else baseline_seed
     self.tax, self.num_bootstrap, self.confidence = tax, num_bootstrap, confidence
+    self.close_runner = close_runner
     names = list(runner.names)
     self.names = names + ([TOTAL] if len(names) > 1 else [])
+    weights = getattr(runner, "weights", None)
+    self.weights = np.ones(len(names)) if weights is None else np.asarray(weights, np.float64)
     self._baseline: _Side | None = None
     self._tax_runner = None
 
@@ -765,6 +871,42 @@ class GenerationEval:
     calls = -(-len(self.prompts) // self.batch_size)
     tax = 0 if self.tax is None else self.tax.units(self.batch_size)
     return 2 * (calls + 1 + tax)
+
+  def check_fits(self, max_position_embeddings: int, *,
+                 completion_option: str = "max_completion_length",
+                 prompt_source: str = "dataset_name",
+                 tax_option: str | None = "tax_max_length") -> None:
+    """Checks, before any sampling, that every prompt plus the completion budget
+    (``options.max_new_tokens``) and every held-out sequence fits the model's position table.
+
+    Args:
+      max_position_embeddings: the models' position limit (the smallest of the models').
+      completion_option, prompt_source, tax_option: the option names the error suggests (a
+        trainer's differ from ``alignax eval``'s); ``tax_option`` None: no option truncates
+        the held-out rows.
+
+    Raises:
+      ValueError: naming the first row (0-based, as data errors count) that does not fit, its
+        length and the ``max_prompt_length`` that would make it fit.
+    """
+    budget = self.options.max_new_tokens
+    limit = int(max_position_embeddings)
+    if budget >= limit:
+      raise ValueError(f"{completion_option}={budget} leaves no position for a prompt: the "
+                       f"model has max_position_embeddings={limit}")
+    check_prompt_lengths(self.prompts, budget, limit, source=prompt_source,
+                         completion_option=completion_option)
+    if self.tax is not None and self.tax.kind == "accuracy":
+      check_prompt_lengths(self.tax.prompts, budget, limit, source="tax_dataset",
+                           completion_option=completion_option)
+    if self.tax is not None and self.tax.kind == "nll":
+      for row, example in enumerate(self.tax.nll_dataset.examples):
+        length = len(example["input_ids"])
+        if length > limit:
+          fix = (f"set {tax_option}={limit}" if tax_option is not None
+                 else "shorten the row or drop it")
+          raise ValueError(f"tax_dataset row {row} has {length} tokens, more than the model's "
+                           f"max_position_embeddings={limit}: {fix}")
 
   def _resolve(self, model: Any, policy: nnx.Module) -> nnx.Module:
     return model(policy) if callable(model) and not isinstance(model, nnx.Module) else model
@@ -775,7 +917,7 @@ class GenerationEval:
                       trainer_state=types.SimpleNamespace(global_step=0, max_steps=0))
     scores = np.asarray(out.per_source, np.float64)
     if len(self.names) > len(out.names):
-      scores = np.concatenate([scores, np.asarray(out.rewards, np.float64)[:, None]], axis=1)
+      scores = np.concatenate([scores, weighted_total(scores, self.weights)[:, None]], axis=1)
     return scores
 
   def _tax_values(self, model: nnx.Module, progress: Any) -> Any:
@@ -794,7 +936,8 @@ class GenerationEval:
                                  batch_size=self.batch_size, progress=progress)
     out = self._tax_runner(list(self.tax.prompts.prompts), answers.texts, answers.completion_ids,
                            columns=self.tax.prompts.columns)
-    return np.asarray(out.rewards, np.float64)
+    # A None (the grader could not read the answer) is no wrong answer: NaN, dropped and counted.
+    return weighted_total(out.per_source, self._tax_runner.weights)
 
   def _side(self, model: nnx.Module, *, seed: int, reference: nnx.Module | None,
             progress: Any) -> _Side:
@@ -828,25 +971,55 @@ class GenerationEval:
     level = self.confidence
     grid = lambda x: np.asarray(x, np.float64).reshape(p, k)
     length_difference = grid(ours.samples.lengths) - grid(theirs.samples.lengths)
-    rewards = {}
+    rewards, unscored, unidentified = {}, [], []
     for j, name in enumerate(self.names):
       mine, base = grid(ours.scores[:, j]), grid(theirs.scores[:, j])
       wins = pairwise_wins(mine, base)
-      controlled, slope = length_controlled_win_rate(wins, length_difference, weights=weights,
-                                                     confidence=level)
+      scored = ~np.isnan(wins)
+      controlled = length_controlled_win_rate(wins, length_difference, weights=weights,
+                                              confidence=level)
+      missing = {"policy": int(np.isnan(mine).sum()), "baseline": int(np.isnan(base).sum())}
+      if (missing["policy"] or missing["baseline"]) and name != TOTAL:
+        unscored.append(f"{name!r} (policy {missing['policy']}, baseline {missing['baseline']})")
+      if not controlled.identified and scored.any():
+        shares = controlled.shares
+        unidentified.append(
+          f"{name!r} ({int(scored.sum())} scored pairs: the policy's completion shorter in "
+          f"{shares['policy_shorter']:.1%}, as long in {shares['equal']:.1%}, longer in "
+          f"{shares['policy_longer']:.1%})")
       rewards[name] = {
         "policy": mean_estimate(mine, weights=weights, confidence=level).as_dict(),
         "baseline": mean_estimate(base, weights=weights, confidence=level).as_dict(),
-        "difference": difference_estimate(mine, base, weights=weights,
+        # Over the pairs scored on both sides, as the win rate: one side's None must not move
+        # the other side's mean in the difference.
+        "difference": difference_estimate(np.where(scored, mine, np.nan),
+                                          np.where(scored, base, np.nan), weights=weights,
                                           confidence=level).as_dict(),
         "win_rate": mean_estimate(wins, weights=weights, confidence=level).as_dict(),
-        "length_controlled_win_rate": controlled.as_dict(),
-        "length_coefficient": _number(slope),
-        "ties": _number(np.nanmean(wins == 0.5)),
+        "length_controlled_win_rate": controlled.estimate.as_dict(),
+        "length_controlled_identified": controlled.identified,
+        "length_coefficient": _number(controlled.coefficient),
+        "length_difference_shares": controlled.shares,
+        "ties": _number(np.mean(wins[scored] == 0.5)) if scored.any() else None,
+        "unscored": missing,
       }
+    if unscored:
+      warnings.warn(EvaluationWarning(
+        f"reward sources returned None (unscored) on some of the {p * k} completions per model: "
+        f"{', '.join(unscored)}; those pairs drop out of the source's win rate and difference, "
+        f"and out of {TOTAL!r} where the source is weighted"), stacklevel=3)
+    if unidentified:
+      warnings.warn(EvaluationWarning(
+        f"the length-controlled win rate is not identified (reported as None) for "
+        f"{'; '.join(unidentified)}: the rate at zero length difference needs at least "
+        f"{LC_MIN_SIDE_SHARE:.0%} of the scored pairs, and {LC_MIN_SIDE_PAIRS}, on each side of "
+        "zero (pairs of equal length count for both); read the plain win rate with the length "
+        "difference, or evaluate on prompts where the lengths overlap"), stacklevel=3)
     kl = ours.samples.kl
     results: dict[str, Any] = {
       "num_prompts": p, "num_samples": k, "rewards": rewards,
+      "stop_token_ids": None if self.options.stop_token_ids is None
+      else [int(i) for i in self.options.stop_token_ids],
       "kl": {name: mean_estimate(grid(kl[:, i]), weights=weights, confidence=level).as_dict()
              for i, name in enumerate(("exact", "k1", "k3"))},
       "length": {
@@ -876,16 +1049,32 @@ class GenerationEval:
                       _ratio(weights, s1, c1) - _ratio(weights, s2, c2), n, level)
       return {"kind": "nll", "policy": policy.as_dict(), "baseline": baseline.as_dict(),
               "tax": tax.as_dict(), "num_tokens": int(c1.sum())}
-    n = len(ours)
-    weights = bootstrap_weights(n, num_bootstrap=self.num_bootstrap, seed=self.seed + 1)
-    mine, base = ours[:, None], theirs[:, None]
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    missing = {"policy": int(np.isnan(ours).sum()), "baseline": int(np.isnan(theirs).sum())}
+    if missing["policy"] or missing["baseline"]:
+      warnings.warn(EvaluationWarning(
+        f"tax_reward_funcs returned None (unscored) on {missing['policy']} of the policy's and "
+        f"{missing['baseline']} of the baseline's {len(ours)} answers: those examples drop out "
+        "of the accuracy tax on both sides"), stacklevel=3)
+    # Both sides over the examples graded on both, so the tax is the difference of the two.
+    both = ~np.isnan(ours) & ~np.isnan(theirs)
+    mine = np.where(both, ours, np.nan)[:, None]
+    base = np.where(both, theirs, np.nan)[:, None]
+    weights = bootstrap_weights(len(ours), num_bootstrap=self.num_bootstrap, seed=self.seed + 1)
     return {"kind": "accuracy",
             "policy": mean_estimate(mine, weights=weights, confidence=level).as_dict(),
             "baseline": mean_estimate(base, weights=weights, confidence=level).as_dict(),
-            "tax": difference_estimate(base, mine, weights=weights, confidence=level).as_dict()}
+            "tax": difference_estimate(base, mine, weights=weights, confidence=level).as_dict(),
+            "unscored": missing}
 
   def __call__(self, policy: nnx.Module) -> dict[str, float]:
-    """``fit``'s ``eval_fn``: the headline numbers under ``eval/`` keys (logged as they are)."""
+    """``fit``'s ``eval_fn``: the headline numbers under ``eval/`` keys (logged as they are).
+
+    ``eval/kl`` (exact) and ``eval/kl_k3`` are logged at every temperature, with
+    ``eval/kl_on_policy`` 1 when the samples follow the policy's own distribution (temperature
+    1, no filter, not greedy) and 0 otherwise: off-policy they are KL sums along the tempered
+    samples, not :math:`\\mathrm{KL}(\\pi\\|\\pi_{ref})`. ``eval/length_controlled_win_rate`` is
+    NaN when the lengths do not identify it (:func:`length_controlled_win_rate`)."""
     results = self.compare(policy)
     headline = results["rewards"][self.names[-1]]
     metrics = {"eval/reward": headline["policy"]["value"],
@@ -896,6 +1085,7 @@ class GenerationEval:
                "eval/length_controlled_win_rate": headline["length_controlled_win_rate"]["value"],
                "eval/kl": results["kl"]["exact"]["value"],
                "eval/kl_k3": results["kl"]["k3"]["value"],
+               "eval/kl_on_policy": float(results["kl"]["on_policy"]),
                "eval/completion_length": results["length"]["policy"]["value"]}
     if len(self.names) > 1:
       for name in self.runner.names:
@@ -905,10 +1095,46 @@ class GenerationEval:
     return {k: (math.nan if v is None else float(v)) for k, v in metrics.items()}
 
   def close(self) -> None:
-    for runner in (self.runner, self._tax_runner):
+    for runner in ((self.runner,) if self.close_runner else ()) + (self._tax_runner,):
       close = getattr(runner, "close", None)
       if close is not None:
         close()
+
+
+def resolve_stop_token_ids(stop_token_ids: Sequence[int] | None = None, *,
+                           model_name_or_path: str | None = None, model: Any = None,
+                           tokenizer: Any = None, revision: str | None = None
+                           ) -> tuple[tuple[int, ...], str]:
+  """The one set of stop ids both models of an evaluation sample with, and where it came from.
+
+  In order: ``stop_token_ids`` as given (``"given"``); every EOS id of the policy checkpoint's
+  ``generation_config.json`` and ``config.json``
+  (:func:`alignax.sampling.checkpoint_stop_token_ids`, ``"checkpoint"``); a loaded ``model``'s ``config.json`` EOS ids (``"model_config"``); the
+  tokenizer's ``eos_token_id`` (``"tokenizer"``); else ``()``, no stop (``"none"``). One tuple for
+  both models: with None each model would stop on its own ``config.json`` ids, and a baseline
+  whose checkpoint names none would run every completion to the length limit.
+
+  Returns:
+    ``(ids, source)``.
+  """
+  if stop_token_ids is not None:
+    return tuple(int(i) for i in stop_token_ids), "given"
+  if model_name_or_path:
+    from alignax.sampling import checkpoint_stop_token_ids
+
+    found = checkpoint_stop_token_ids(model_name_or_path, revision=revision)
+    if found:
+      return found, "checkpoint"
+  if model is not None:
+    from alignax.sampling import default_stop_token_ids
+
+    found = default_stop_token_ids(model)
+    if found:
+      return found, "model_config"
+  eos = None if tokenizer is None else getattr(tokenizer, "eos_token_id", None)
+  if eos is not None:
+    return (int(eos),), "tokenizer"
+  return (), "none"
 
 
 def make_generation_eval(
@@ -918,6 +1144,8 @@ def make_generation_eval(
   reward_funcs: Any,
   baseline: Any,
   reference: Any = None,
+  reward_weights: Sequence[float] | None = None,
+  reward_names: Sequence[str] | None = None,
   num_samples: int = 2,
   max_new_tokens: int = 64,
   temperature: float = 1.0,
@@ -932,6 +1160,9 @@ def make_generation_eval(
   tax_reward_funcs: Sequence[Any] | None = None,
   batch_size: int = 16,
   num_bootstrap: int = 200,
+  max_position_embeddings: int | None = None,
+  completion_option: str = "max_new_tokens",
+  prompt_source: str = "prompts",
 ) -> GenerationEval:
   """The evaluation as ``fit``'s ``eval_fn``: ``policy -> {"eval/reward", "eval/win_rate",
   "eval/kl", "eval/tax", ...}`` (see :meth:`GenerationEval.__call__`).
@@ -941,10 +1172,15 @@ def make_generation_eval(
       column, or a path / hub name.
     tokenizer: the policy's tokenizer.
     reward_funcs: reward sources (callables, built-in names, ``module.function`` paths, reward
-      model scorers) or a :class:`alignax.rewards.RewardRunner`.
+      model scorers), or a :class:`alignax.rewards.RewardRunner`, used as it is (its weights and
+      names) and left open by :meth:`GenerationEval.close` (its creator closes it).
     baseline: the frozen baseline model, or ``policy -> baseline`` (``lora_disabled`` for LoRA).
     reference: the KL reference (None: the baseline).
-    num_samples, max_new_tokens, temperature, top_k, top_p, greedy, stop_token_ids: sampling.
+    reward_weights, reward_names: the runner's ``weights`` and ``names`` when ``reward_funcs``
+      are sources (``total`` sums the sources with these weights).
+    num_samples, max_new_tokens, temperature, top_k, top_p, greedy: sampling.
+    stop_token_ids: the ids both models stop on (None: :func:`resolve_stop_token_ids` from the
+      tokenizer's EOS; a trainer passes the ids its own sampler stops on).
     seed: sampling keys (the same at every evaluation, so the curve is not sampling noise).
     num_prompts: the first N prompts.
     max_prompt_length: prompts keep their last N tokens.
@@ -952,6 +1188,10 @@ def make_generation_eval(
     tax_reward_funcs: reward functions grading greedy answers for the accuracy tax.
     batch_size: prompts per sampler call.
     num_bootstrap: resamples per interval (few: this runs every ``eval_steps``).
+    max_position_embeddings: the policy's position limit: every prompt (and held-out row) is
+      checked against it now (:meth:`GenerationEval.check_fits`), not at the first evaluation.
+    completion_option, prompt_source: the names that error names the completion budget and the
+      prompts by.
 
   Returns:
     A :class:`GenerationEval` (callable; ``close()`` stops the reward runners' event loops).
@@ -970,6 +1210,7 @@ def make_generation_eval(
     prompt_set = load_prompts(prompts, tokenizer, limit=num_prompts,
                               max_prompt_length=max_prompt_length, what="prompts")
   runner = reward_funcs if isinstance(reward_funcs, RewardRunner) else None
+  shared = runner is not None
   if runner is None:
     sources = [] if reward_funcs is None else (
       [reward_funcs] if callable(reward_funcs) or isinstance(reward_funcs, str)
@@ -977,35 +1218,60 @@ def make_generation_eval(
     if not sources:
       raise ValueError("the generation evaluation needs at least one reward source "
                        "(eval_reward_funcs, eval_reward_model_name_or_path)")
-    runner = RewardRunner(sources, max_completion_len=max_new_tokens)
+    runner = RewardRunner(sources, weights=reward_weights, names=reward_names,
+                          max_completion_len=max_new_tokens)
   tax = None if tax_dataset is None else load_tax_set(
     tax_dataset, tokenizer, reward_funcs=tax_reward_funcs, max_prompt_length=max_prompt_length)
+  stops, _ = resolve_stop_token_ids(stop_token_ids, tokenizer=tokenizer)
   options = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, greedy=greedy,
-                            stop_token_ids=None if stop_token_ids is None
-                            else tuple(stop_token_ids))
-  return GenerationEval(prompts=prompt_set, tokenizer=tokenizer, runner=runner, baseline=baseline,
-                        reference=reference, num_samples=num_samples, options=options, seed=seed,
-                        batch_size=batch_size, tax=tax, num_bootstrap=num_bootstrap)
+                            top_p=top_p, greedy=greedy, stop_token_ids=stops)
+  evaluation = GenerationEval(prompts=prompt_set, tokenizer=tokenizer, runner=runner,
+                              baseline=baseline, reference=reference, num_samples=num_samples,
+                              options=options, seed=seed, batch_size=batch_size, tax=tax,
+                              num_bootstrap=num_bootstrap, close_runner=not shared)
+  if max_position_embeddings is not None:
+    try:
+      evaluation.check_fits(max_position_embeddings, completion_option=completion_option,
+                            prompt_source=prompt_source, tax_option=None)
+    except ValueError:
+      evaluation.close()
+      raise
+  return evaluation
 
 
 def trainer_generation_eval(config: Any, *, tokenizer: Any, data: Any, baseline: Any,
                             mesh: Any = None, reward_funcs: Any = None,
-                            prompts: Any = None) -> GenerationEval | None:
+                            reward_weights: Sequence[float] | None = None,
+                            reward_names: Sequence[str] | None = None, prompts: Any = None,
+                            stop_token_ids: Sequence[int] | None = None,
+                            max_position_embeddings: int | None = None
+                            ) -> GenerationEval | None:
   """The in-training evaluation a trainer's ``TrainingConfig`` asks for, or None when
-  ``config.eval_num_prompts`` is 0. An online trainer calls it once before its loop, then
-  ``metrics_logger.log(step, evaluation(model))`` every ``eval_steps`` (after updating the model
-  from its state) and ``evaluation.close()`` at the end; with ``beta == 0`` and no LoRA it passes
+  ``config.eval_num_prompts`` is 0. A trainer calls it once at start-up (before its first step,
+  so a prompt too long for the model fails then), then ``metrics_logger.log(step,
+  evaluation(model))`` every ``eval_steps`` (after updating the model from its state) and
+  ``evaluation.close()`` at the end; with ``beta == 0`` and no LoRA it passes
   ``baseline=frozen_copy(model)`` taken before the first step.
 
   Prompts: ``prompts`` when given, else the ``prompt`` column of ``data``'s test split
   (``data.dataset_name`` at ``data.dataset_test_split``). Rewards: ``config.eval_reward_funcs``
-  and ``config.eval_reward_model_name_or_path``, else ``reward_funcs`` (an online trainer passes
-  its own). The baseline (and KL reference) is ``baseline``: the frozen starting model, or
-  ``policy -> model`` (``alignax.lora_disabled`` for LoRA).
+  and ``config.eval_reward_model_name_or_path``, else ``reward_funcs``: an online trainer passes
+  its own :class:`alignax.rewards.RewardRunner` (its ``reward_weights`` and names then make
+  ``total`` and ``eval/reward`` the training reward; the evaluation does not close it), or its
+  sources with ``reward_weights`` / ``reward_names``. The baseline (and KL reference) is
+  ``baseline``: the frozen starting model, or ``policy -> model`` (``alignax.lora_disabled`` for
+  LoRA).
+
+  Args:
+    stop_token_ids: the ids the trainer's own sampler stops on, resolved (e.g. GRPO's
+      ``stop_token_ids`` after :func:`alignax.sampling.checkpoint_stop_token_ids`); None:
+      ``config.stop_token_ids`` if the config has one, else the tokenizer's EOS.
+    max_position_embeddings: the policy's ``config.max_position_embeddings``: the evaluation
+      prompts and the tax set are checked against it here, at start-up.
 
   Raises:
-    ValueError: no reward source, or no prompts to evaluate on.
+    ValueError: no reward source, no prompts to evaluate on, or a prompt (row named) too long
+      for the model.
   """
   if not getattr(config, "eval_num_prompts", 0):
     return None
@@ -1015,26 +1281,34 @@ def trainer_generation_eval(config: Any, *, tokenizer: Any, data: Any, baseline:
 
     sources += [load_reward_model(path, mesh=mesh)
                 for path in config.eval_reward_model_name_or_path]
-  if not sources:
+  if sources:  # the evaluation's own sources: the trainer's weights and names are not theirs
+    reward_weights = reward_names = None
+  else:
     if reward_funcs is None:
       raise ValueError(f"eval_num_prompts={config.eval_num_prompts} needs a reward source: set "
                        "eval_reward_funcs or eval_reward_model_name_or_path")
     sources = reward_funcs
+  what = "prompts"
   if prompts is None:
     if data is None or data.dataset_name is None:
       raise ValueError(f"eval_num_prompts={config.eval_num_prompts} needs prompts: a dataset "
                        "(dataset_name) whose test split has a 'prompt' column")
+    what = f"dataset_name (split {data.dataset_test_split!r})"
     prompts = load_prompts(data.dataset_name, tokenizer, split=data.dataset_test_split,
                            config_name=data.dataset_config, limit=config.eval_num_prompts,
-                           max_prompt_length=data.max_prompt_length,
-                           what=f"dataset_name (split {data.dataset_test_split!r})")
+                           max_prompt_length=data.max_prompt_length, what=what)
+  if stop_token_ids is None:
+    stop_token_ids = getattr(config, "stop_token_ids", None)
   return make_generation_eval(
     prompts=prompts, tokenizer=tokenizer, reward_funcs=sources, baseline=baseline,
+    reward_weights=reward_weights, reward_names=reward_names,
     num_samples=config.eval_num_samples, max_new_tokens=config.eval_max_completion_length,
-    temperature=config.eval_temperature, stop_token_ids=getattr(config, "stop_token_ids", None),
+    temperature=config.eval_temperature, stop_token_ids=stop_token_ids,
     seed=config.seed, num_prompts=config.eval_num_prompts,
     max_prompt_length=None if data is None else data.max_prompt_length,
-    tax_dataset=config.eval_tax_dataset, batch_size=config.per_device_eval_batch_size)
+    tax_dataset=config.eval_tax_dataset, batch_size=config.per_device_eval_batch_size,
+    max_position_embeddings=max_position_embeddings,
+    completion_option="eval_max_completion_length", prompt_source=what)
 
 
 def frozen_copy(model: nnx.Module) -> nnx.Module:
@@ -1044,14 +1318,44 @@ def frozen_copy(model: nnx.Module) -> nnx.Module:
   return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
 
 
+def _function_sources(config: EvalConfig, reward_funcs: Any) -> list[Any]:
+  """The reward functions: ``reward_funcs`` when given, else ``config.reward_funcs``."""
+  if reward_funcs is None:
+    return list(config.reward_funcs or [])
+  return [reward_funcs] if callable(reward_funcs) or isinstance(reward_funcs, str) \
+    else list(reward_funcs)
+
+
+def reward_weights_for(config: EvalConfig, num_functions: int) -> list[float]:
+  """The weights of ``total``, one per source in the runner's order: the reward functions, the
+  reward models, then the ensemble when ``reward_ensemble`` is set. ``config.reward_weights``
+  when given (checked for its length here, before any model is loaded); else 1 each, except
+  that with an ensemble its members weigh 0, so the ensemble stands for them rather than their
+  scores counting twice.
+
+  Raises:
+    ValueError: ``reward_weights`` of another length than the sources, naming them.
+  """
+  models = len(config.reward_model_name_or_path or [])
+  ensemble = int(config.reward_ensemble is not None)
+  count = num_functions + models + ensemble
+  if config.reward_weights is not None:
+    if len(config.reward_weights) != count:
+      parts = [f"{num_functions} reward functions", f"{models} reward models"]
+      if ensemble:
+        parts.append(f"the {config.reward_ensemble} ensemble")
+      raise ValueError(f"reward_weights has {len(config.reward_weights)} entries for {count} "
+                       f"reward sources ({', '.join(parts)}, in that order)")
+    return [float(w) for w in config.reward_weights]
+  return [1.0] * num_functions + [0.0 if ensemble else 1.0] * models + [1.0] * ensemble
+
+
 def _reward_sources(config: EvalConfig, reward_funcs: Any, *, mesh: Any) -> list[Any]:
   """The reward functions, then the reward models, then (``reward_ensemble``) their ensemble."""
   from alignax.rewards import resolve_reward_funcs
 
-  functions = list(config.reward_funcs or []) if reward_funcs is None else (
-    [reward_funcs] if callable(reward_funcs) or isinstance(reward_funcs, str)
-    else list(reward_funcs))
-  functions = resolve_reward_funcs(functions, max_completion_len=config.max_completion_length)
+  functions = resolve_reward_funcs(_function_sources(config, reward_funcs),
+                                   max_completion_len=config.max_completion_length)
   models = []
   if config.reward_model_name_or_path:
     from alignax.rewards import load_reward_model
@@ -1081,6 +1385,16 @@ def _versions() -> dict[str, str]:
           "backend": jax.default_backend()}
 
 
+def _mesh_record(given: Any, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """The mesh as ``eval.json`` records it: its axes and sizes, and the ``MeshConfig`` given."""
+  from alignax.train.config import MeshConfig
+
+  record: dict[str, Any] = {"axes": {str(k): int(v) for k, v in mesh.shape.items()}}
+  if isinstance(given, MeshConfig):
+    record["config"] = dataclasses.asdict(given)
+  return record
+
+
 def evaluate(config: EvalConfig, *, policy: nnx.Module | None = None,
              baseline: nnx.Module | None = None, reference: nnx.Module | None = None,
              tokenizer: Any = None, reward_funcs: Any = None, prompts: Any = None,
@@ -1091,6 +1405,8 @@ def evaluate(config: EvalConfig, *, policy: nnx.Module | None = None,
     config: the options.
     policy, baseline, reference: models already loaded (override the config's paths).
     tokenizer: the tokenizer (default: ``tokenizer_name_or_path`` or the policy's directory).
+      The baseline's and the reference's own tokenizers, where their directories hold one, must
+      equal it.
     reward_funcs: reward sources (callables with TRL's contract, names, paths) replacing
       ``config.reward_funcs``; reward models of ``config`` are added.
     prompts: rows with a ``prompt`` column replacing ``config.dataset_name``.
@@ -1098,14 +1414,17 @@ def evaluate(config: EvalConfig, *, policy: nnx.Module | None = None,
 
   Returns:
     What ``eval.json`` holds: ``{"results": {"rewards": {source: {policy, baseline, difference,
-    win_rate, length_controlled_win_rate, ...}}, "kl": {exact, k1, k3, on_policy}, "length",
-    "tax"}, "config", "versions", "files", "wall_seconds"}``, every number as ``{value, ci_low,
-    ci_high, n}``.
+    win_rate, length_controlled_win_rate, length_controlled_identified,
+    length_difference_shares, ties, unscored, ...}}, "kl": {exact, k1, k3, on_policy},
+    "length", "tax", "stop_token_ids"}, "config", "stop_token_ids", "stop_token_ids_from",
+    "reward_weights", "mesh", "versions", "files", "wall_seconds"}``, every number as
+    ``{value, ci_low, ci_high, n}``.
 
   Raises:
-    ValueError: no reward source, no output directory or model, tokenizers of the policy and the
-      baseline (or reference) that differ, an empty prompt file, a bad row (named by the data
-      module), a prompt too long for the models.
+    ValueError: no reward source, no output directory or model, ``reward_weights`` of the wrong
+      length, tokenizers of the policy and the baseline (or reference) that differ, an empty
+      prompt file, a bad row (named by the data module), a prompt too long for the models (its
+      row named).
   """
   from alignax.models import from_pretrained, load_tokenizer
   from alignax.rewards import RewardRunner
@@ -1128,16 +1447,21 @@ def evaluate(config: EvalConfig, *, policy: nnx.Module | None = None,
       import matplotlib  # noqa: F401
     except ImportError as e:
       raise ValueError("plots=True needs matplotlib; or pass --plots false") from e
+  weights = reward_weights_for(config, len(_function_sources(config, reward_funcs)))
+  # Before anything slow: an unwritable output_dir fails now, not after the sampling.
+  os.makedirs(config.output_dir, exist_ok=True)
 
   if tokenizer is None:
     path = config.tokenizer_name_or_path or config.model_name_or_path
     if path is None:
       raise ValueError("tokenizer is required with a model instance (or tokenizer_name_or_path)")
     tokenizer = load_tokenizer(path)
+  # The tokenizer in use (the policy's, or tokenizer_name_or_path) tokenizes and decodes for
+  # every model: each model's own tokenizer, where its directory has one, must be the same.
   for role, path in (("baseline", config.baseline_model_name_or_path if baseline is None
                       else None),
                      ("reference", config.ref_model_name_or_path if reference is None else None)):
-    if path is not None and config.tokenizer_name_or_path is None and _has_tokenizer(path):
+    if path is not None and _has_tokenizer(path):
       check_same_tokenizer(tokenizer, load_tokenizer(path), names=("policy", role))
 
   prompt_set = load_prompts(config.dataset_name if prompts is None else prompts, tokenizer,
@@ -1154,6 +1478,7 @@ def evaluate(config: EvalConfig, *, policy: nnx.Module | None = None,
 
   device_mesh = resolve_mesh(mesh)
   load = functools.partial(from_pretrained, dtype=config.dtype, mesh=device_mesh)
+  policy_path = config.model_name_or_path if policy is None else None
   policy = load(config.model_name_or_path) if policy is None else policy
   baseline = load(config.baseline_model_name_or_path) if baseline is None else baseline
   if reference is None and config.ref_model_name_or_path:
@@ -1163,27 +1488,32 @@ def evaluate(config: EvalConfig, *, policy: nnx.Module | None = None,
       raise ValueError(f"the policy's vocabulary has {policy.config.vocab_size} entries and the "
                        f"{role}'s {model.config.vocab_size}; evaluate models that share a "
                        "tokenizer")
-  runner = RewardRunner(_reward_sources(config, reward_funcs, mesh=device_mesh),
-                        weights=config.reward_weights,
+  stop_token_ids, stop_from = resolve_stop_token_ids(
+    config.stop_token_ids, model_name_or_path=policy_path, model=policy, tokenizer=tokenizer)
+  options = dataclasses.replace(config.sampling(), stop_token_ids=stop_token_ids)
+  runner = RewardRunner(_reward_sources(config, reward_funcs, mesh=device_mesh), weights=weights,
                         max_completion_len=config.max_completion_length)
   evaluation = GenerationEval(
     prompts=prompt_set, tokenizer=tokenizer, runner=runner, baseline=baseline,
-    reference=reference, num_samples=config.num_samples, options=config.sampling(),
+    reference=reference, num_samples=config.num_samples, options=options,
     seed=config.seed, baseline_seed=config.baseline_seed, batch_size=config.batch_size, tax=tax,
     num_bootstrap=config.num_bootstrap, confidence=config.confidence_level)
 
   from tqdm.auto import tqdm
 
-  progress = tqdm(total=evaluation.units(), desc="eval", disable=config.disable_tqdm,
-                  dynamic_ncols=True)
   try:
-    results = evaluation.compare(policy, progress)
+    evaluation.check_fits(min(m.config.max_position_embeddings
+                              for m in (policy, baseline, reference) if m is not None))
+    progress = tqdm(total=evaluation.units(), desc="eval", disable=config.disable_tqdm,
+                    dynamic_ncols=True)
+    try:
+      results = evaluation.compare(policy, progress)
+    finally:
+      progress.close()
   finally:
-    progress.close()
     evaluation.close()
   arrays = results.pop("_arrays")
 
-  os.makedirs(config.output_dir, exist_ok=True)
   files = {"eval": os.path.join(config.output_dir, EVAL_FILE),
            "completions": os.path.join(config.output_dir, COMPLETIONS_FILE)}
   write_completions(files["completions"], prompt_set, evaluation.names, arrays["policy"],
@@ -1192,7 +1522,10 @@ def evaluate(config: EvalConfig, *, policy: nnx.Module | None = None,
     files.update(write_plots(config.output_dir, evaluation.names, results, arrays["policy"],
                              arrays["baseline"]))
   summary = {"results": results, "config": dataclasses.asdict(config),
-             "reward_sources": evaluation.names, "versions": _versions(), "files": files,
+             "reward_sources": evaluation.names,
+             "reward_weights": dict(zip(runner.names, (float(w) for w in runner.weights))),
+             "stop_token_ids": list(stop_token_ids), "stop_token_ids_from": stop_from,
+             "mesh": _mesh_record(mesh, device_mesh), "versions": _versions(), "files": files,
              "wall_seconds": time.perf_counter() - start}
   with open(files["eval"], "w") as f:
     json.dump(summary, f, indent=2)
@@ -1260,6 +1593,19 @@ def format_report(summary: Mapping[str, Any]) -> str:
   text = [f"{results['num_prompts']} prompts x {results['num_samples']} samples; "
           f"[{level}% bootstrap intervals over prompts]", "",
           _table(["reward source", "policy", "baseline", "win rate", "LC win rate"], rows), ""]
+  unidentified = [n for n, r in results["rewards"].items()
+                  if not r["length_controlled_identified"] and r["win_rate"]["value"] is not None]
+  if unidentified:
+    shares = results["rewards"][unidentified[0]]["length_difference_shares"]
+    text.append(f"LC win rate n/a for {', '.join(unidentified)}: not identified (policy shorter "
+                f"in {shares['policy_shorter']:.0%}, as long in {shares['equal']:.0%}, longer in "
+                f"{shares['policy_longer']:.0%} of the pairs)")
+  for name, r in results["rewards"].items():
+    if name != TOTAL and (r["unscored"]["policy"] or r["unscored"]["baseline"]):
+      text.append(f"{name}: unscored (None) completions: policy {r['unscored']['policy']}, "
+                  f"baseline {r['unscored']['baseline']}")
+  if text[-1]:
+    text.append("")
   kl = results["kl"]
   text.append(f"KL(policy || reference) per sequence: exact {_cell(kl['exact'])}, k1 "
               f"{_cell(kl['k1'])}, k3 {_cell(kl['k3'])}"

@@ -385,7 +385,8 @@ def run(algorithm: str, config: TrainingConfig, *, model: ModelConfig, data: Dat
                              trainable=trainable, reference=reference)
 
   generation_eval = _generation_eval(algorithm, config, model=model, data=data,
-                                     tokenizer=tokenizer, reference=reference, mesh=device_mesh)
+                                     tokenizer=tokenizer, reference=reference, mesh=device_mesh,
+                                     policy=policy)
   try:
     result = fit(policy, objective_fn, batches, config, mesh=device_mesh,
                  steps_per_epoch=max(1, epoch_steps), trainable=trainable, reference=reference,
@@ -400,18 +401,23 @@ def run(algorithm: str, config: TrainingConfig, *, model: ModelConfig, data: Dat
 
 def _generation_eval(algorithm: str, config: TrainingConfig, *, model: ModelConfig,
                      data: DataConfig, tokenizer: Any, reference: nnx.Module | None,
-                     mesh: jax.sharding.Mesh) -> Any:
+                     mesh: jax.sharding.Mesh, policy: nnx.Module) -> Any:
   """``alignax.evaluation``'s in-training evaluation when ``config.eval_num_prompts`` is set:
   the policy against its starting point (the reference when there is one, the adapters-off view
-  with LoRA, else a frozen copy of the checkpoint)."""
+  with LoRA, else a frozen copy of the checkpoint). Both stop on the checkpoint's EOS ids (else
+  the tokenizer's), and the prompts and the tax set are checked against the policy's position
+  table here, before the first step."""
   if not config.eval_num_prompts:
     return None
   if ALGORITHMS[algorithm].head == "score":
     raise ValueError(f"eval_num_prompts={config.eval_num_prompts}: the reward model does not "
                      "generate; its evaluation is eval_strategy's pair accuracy")
-  from alignax.evaluation import trainer_generation_eval
+  from alignax.evaluation import resolve_stop_token_ids, trainer_generation_eval
   from alignax.models import lora_disabled
 
+  stop_token_ids, _ = resolve_stop_token_ids(
+    getattr(config, "stop_token_ids", None), model_name_or_path=model.model_name_or_path,
+    revision=model.model_revision, tokenizer=tokenizer)
   if model.use_peft:
     baseline = lora_disabled
   elif reference is not None:
@@ -419,7 +425,8 @@ def _generation_eval(algorithm: str, config: TrainingConfig, *, model: ModelConf
   else:
     baseline = load_model(model.model_name_or_path, model, mesh=mesh, head=None, seed=config.seed)
   return trainer_generation_eval(config, tokenizer=tokenizer, data=data, baseline=baseline,
-                                 mesh=mesh)
+                                 mesh=mesh, stop_token_ids=stop_token_ids,
+                                 max_position_embeddings=policy.config.max_position_embeddings)
 
 
 def _merged(*eval_fns: Callable[[nnx.Module], dict[str, float]] | None
