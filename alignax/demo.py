@@ -17,18 +17,22 @@ builds, under ``--output_dir``:
    ``--rpo_alpha 0`` for plain DPO, which on this task learns to run on past the answer);
 5. ``grpo/``: GRPO (Shao et al. 2024; ``alignax.train.grpo``) from the SFT policy, on the task's
    verifiable reward (1 for the right number), with a KL penalty to the SFT policy;
+6. ``ppo/``: PPO with a critic (Schulman et al. 2017, as Ouyang et al. 2022 and Huang et al. 2024
+   run it; ``alignax.train.ppo``) from the SFT policy against the reward model of step 3, frozen,
+   with a per-token KL penalty to the SFT policy; the critic starts from the reward model;
 
-then grades the base, SFT, DPO and GRPO policies' greedy answers on every prompt and prints a
-table: task accuracy, the reward model's score, the exact KL to the SFT reference along the
-policy's own completion (``alignax.token_kl``, summed over completion tokens) and the mean
-completion length.
+then grades the base, SFT, DPO, GRPO and PPO policies' greedy answers on every prompt and prints
+a table: task accuracy, the reward model's score, the exact KL to the SFT reference along the
+policy's own completion (summed over completion tokens) and the mean completion length. The
+answers and their KL come from the library's evaluation
+(:func:`alignax.evaluation.sample_completions`, ``alignax.token_kl``), the scores from its
+reward-model scorer (:class:`alignax.rewards.RewardModelScorer`, which PPO trains against).
 Each stage's directory is a normal ``fit`` output directory (``metrics.jsonl``,
 ``trainer_state.json``, the Hugging Face checkpoint); ``summary.json`` and the PNG plots
 (``training_curves.png``, ``before_after.png``) sit at the root.
 
 A stage is one function ``(run) -> dict`` (:data:`STAGES`); a policy stage returns its checkpoint
-under ``"policy"`` and is graded with the others, so another stage (PPO, say) plugs in as one
-more entry.
+under ``"policy"`` and is graded with the others, so another stage plugs in as one more entry.
 
 Usage::
 
@@ -60,10 +64,10 @@ from flax import nnx
 
 from alignax import _validate, data
 from alignax.data import DataConfig
-from alignax.kernels import token_kl
+from alignax.evaluation import PromptSet, SamplingOptions, load_prompts, sample_completions
 from alignax.models import CausalLM, build_tiny_tokenizer, from_pretrained, save_pretrained
 from alignax.models.config import config_from_hf
-from alignax.sampling import generate
+from alignax.rewards import RewardModelScorer
 from alignax.sharding import make_mesh
 from alignax.train.config import TrainingConfig
 from alignax.train.loop import data_parallel_size, fit
@@ -73,10 +77,10 @@ SUMMARY_FILE = "summary.json"
 CURVES_FILE = "training_curves.png"
 BARS_FILE = "before_after.png"
 
-# Optimizer steps per stage, and how often DPO and GRPO grade their policy.
+# Optimizer steps per stage, and how often DPO grades its policy.
 BUDGETS = {
-  "full": {"sft": 400, "reward": 150, "dpo": 150, "grpo": 200, "eval_every": 25},
-  "quick": {"sft": 400, "reward": 60, "dpo": 100, "grpo": 60, "eval_every": 20},
+  "full": {"sft": 400, "reward": 150, "dpo": 150, "grpo": 200, "ppo": 160, "eval_every": 25},
+  "quick": {"sft": 400, "reward": 60, "dpo": 100, "grpo": 60, "ppo": 60, "eval_every": 20},
 }
 
 MAX_OPERAND = 9  # prompts a+b= with 0 <= a, b <= MAX_OPERAND
@@ -88,19 +92,28 @@ class DemoConfig:
 
   Attributes:
     output_dir: where every stage, ``summary.json`` and the plots are written.
-    quick: the CI budget (fewer reward, DPO and GRPO steps).
+    quick: the CI budget (fewer reward, DPO, GRPO and PPO steps).
     seed: model initialisation, data order, sampling and the wrong answers.
-    sft_steps, reward_steps, dpo_steps, grpo_steps: optimizer steps per stage (None: the
-      budget's, :data:`BUDGETS`).
-    batch_size: rows (SFT) or pairs (reward, DPO) per optimizer step.
-    sft_learning_rate, reward_learning_rate, dpo_learning_rate, grpo_learning_rate: the learning
-      rates (constant after a warmup over the first tenth of the steps).
+    sft_steps, reward_steps, dpo_steps, grpo_steps, ppo_steps: optimizer steps per stage (None:
+      the budget's, :data:`BUDGETS`); ``ppo_steps`` a multiple of ``ppo_epochs``.
+    batch_size: rows (SFT), pairs (reward, DPO) or sampled answers (GRPO, PPO) per optimizer
+      step.
+    sft_learning_rate, reward_learning_rate, dpo_learning_rate, grpo_learning_rate,
+      ppo_learning_rate: the learning rates (constant after a warmup over the first tenth of the
+      steps; PPO's trains the policy and its critic).
     beta: DPO's β.
     rpo_alpha: weight of the chosen answers' NLL added to the DPO loss (RPO, Pang et al. 2024;
       TRL's ``rpo_alpha``); 0 gives plain DPO. Plain DPO lowers the likelihood of the chosen
       answers too, and on this task that of the stop token after them, so its completions run
       on past the answer as training goes on (the KL and length columns show it).
     grpo_beta: GRPO's KL coefficient (k3 estimator, to the SFT policy; 0: no reference).
+    ppo_kl_coef: PPO's β, the per-token KL penalty (k1) to the SFT policy in its reward. With
+      TRL's 0.05 (and a learning rate of 5e-4) the policy also learned where the quick budget's
+      reward model is wrong (it scores some wrong answers, and the bare stop token, above the
+      right one): the reward model's score rose and the task accuracy fell.
+    ppo_epochs: PPO's passes over each rollout of ``batch_size`` answers (one optimizer step
+      each).
+    ppo_temperature: the temperature PPO samples at (and divides its training logits by).
     demos_per_prompt: SFT demonstrations per prompt.
     carry_error_rate: share of the demonstrations of a prompt with a carry (sum >= 10) that
       forget it (the systematic mistake SFT imitates and preference learning removes).
@@ -122,14 +135,19 @@ class DemoConfig:
   reward_steps: int | None = None
   dpo_steps: int | None = None
   grpo_steps: int | None = None
+  ppo_steps: int | None = None
   batch_size: int = 32
   sft_learning_rate: float = 3e-3
   reward_learning_rate: float = 1e-3
   dpo_learning_rate: float = 1e-3
   grpo_learning_rate: float = 5e-4
+  ppo_learning_rate: float = 3e-4
   beta: float = 0.1
   rpo_alpha: float = 1.0
   grpo_beta: float = 0.04
+  ppo_kl_coef: float = 0.1
+  ppo_epochs: int = 4
+  ppo_temperature: float = 1.0
   demos_per_prompt: int = 5
   carry_error_rate: float = 0.6
   pairs_per_prompt: int = 4
@@ -147,16 +165,23 @@ class DemoConfig:
     for name in ("quick", "plots", "progress"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-    for name in ("sft_steps", "reward_steps", "dpo_steps", "grpo_steps", "eval_every"):
+    for name in ("sft_steps", "reward_steps", "dpo_steps", "grpo_steps", "ppo_steps",
+                 "eval_every"):
       if getattr(self, name) is not None:
         _validate.positive_int(name, getattr(self, name))
     for name in ("batch_size", "demos_per_prompt", "pairs_per_prompt", "samples_per_prompt",
-                 "hidden_size", "num_layers"):
+                 "hidden_size", "num_layers", "ppo_epochs"):
       _validate.positive_int(name, getattr(self, name))
     for name in ("sft_learning_rate", "reward_learning_rate", "dpo_learning_rate",
-                 "grpo_learning_rate", "beta"):
+                 "grpo_learning_rate", "ppo_learning_rate", "beta", "ppo_temperature"):
       _validate.positive(name, getattr(self, name))
     _validate.non_negative("grpo_beta", self.grpo_beta)
+    _validate.non_negative("ppo_kl_coef", self.ppo_kl_coef)
+    # Checkpoints and the step count fall between PPO's rollouts.
+    ppo_steps = self.steps()["ppo"]
+    if ppo_steps % self.ppo_epochs:
+      raise ValueError(f"ppo_steps={ppo_steps} must be a multiple of ppo_epochs={self.ppo_epochs}"
+                       " (each rollout gets all its optimizer steps)")
     _validate.non_negative("rpo_alpha", self.rpo_alpha)
     if not isinstance(self.carry_error_rate, (int, float)) or not (
         0 <= self.carry_error_rate <= 1):
@@ -171,10 +196,11 @@ class DemoConfig:
                        f"width), got {self.hidden_size}")
 
   def steps(self) -> dict[str, int]:
-    """The resolved step counts: ``sft``, ``reward``, ``dpo``, ``grpo`` and ``eval_every``."""
+    """The resolved step counts: ``sft``, ``reward``, ``dpo``, ``grpo``, ``ppo`` and
+    ``eval_every``."""
     budget = BUDGETS["quick" if self.quick else "full"]
     given = {"sft": self.sft_steps, "reward": self.reward_steps, "dpo": self.dpo_steps,
-             "grpo": self.grpo_steps, "eval_every": self.eval_every}
+             "grpo": self.grpo_steps, "ppo": self.ppo_steps, "eval_every": self.eval_every}
     return {name: given[name] or budget[name] for name in budget}
 
 
@@ -245,65 +271,43 @@ def build_base(output_dir: str, *, hidden_size: int, num_layers: int, seed: int)
 # --- grading a policy ---------------------------------------------------------------------------
 
 
-def _prompt_batch(tokenizer, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-  """Left-padded prompt ids and mask, as the data pipeline tokenises prompts."""
-  encoded = [tokenizer(p)["input_ids"] for p in prompts]
-  length = max(len(e) for e in encoded)
-  ids = np.full((len(encoded), length), tokenizer.pad_token_id, np.int32)
-  mask = np.zeros((len(encoded), length), bool)
-  for i, e in enumerate(encoded):
-    ids[i, length - len(e):] = e
-    mask[i, length - len(e):] = True
-  return ids, mask
+def prompt_set(tokenizer, prompts: Sequence[str], answers: Sequence[int]) -> PromptSet:
+  """The task's prompts tokenised as every prompt trainer reads them (``task="prompt"``), with
+  their answers as a column."""
+  return load_prompts([{"prompt": p, "answer": a} for p, a in zip(prompts, answers)], tokenizer,
+                      what="prompts")
 
 
-def _completion_texts(tokenizer, sample) -> list[str]:
-  tokens, lengths = np.asarray(sample.tokens), np.asarray(sample.lengths)
-  return [tokenizer.decode(tokens[i, :lengths[i]], skip_special_tokens=True)
-          for i in range(tokens.shape[0])]
+def reward_scorer(reward_model, tokenizer, *, batch_size: int) -> RewardModelScorer:
+  """The demo's reward model as the library scores reward models (the PPO trainer's scorer): on
+  the token ids of prompt + completion, read at the last real token."""
+  return RewardModelScorer(reward_model, tokenizer, name="reward_model", batch_size=batch_size)
 
 
-def sequence_kl(policy, reference, ids, mask, completion_mask) -> jax.Array:
-  """``Σ_t KL(π(·|y_<t, x) ‖ π_ref(·|y_<t, x))`` over each row's completion tokens, exact over the
-  vocabulary (``alignax.token_kl``), along the completion in the row. Returns ``[N]``."""
-  ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-  hidden_p = policy(ids, mask, compute_logits=False).hidden_states
-  hidden_q = reference(ids, mask, compute_logits=False).hidden_states
-  # The state after token t predicts token t + 1: KL at t counts when t + 1 is a completion token.
-  kl_mask = jnp.asarray(completion_mask, bool)[:, 1:]
-  kl = token_kl(hidden_p[:, :-1], policy.get_lm_head(), hidden_q[:, :-1], reference.get_lm_head(),
-                mask=kl_mask)
-  return jnp.sum(kl, axis=-1)
-
-
-@nnx.jit
-def _score_completions(policy, reference, reward_model, ids, mask, completion_mask):
-  """Reward-model scores ``[N]`` and :func:`sequence_kl` ``[N]`` in one compiled call."""
-  scores = reward_model(ids, mask).scores[:, 0]
-  return scores, sequence_kl(policy, reference, ids, mask, completion_mask)
-
-
-def evaluate_policy(policy, *, reference, reward_model, tokenizer, prompts: Sequence[str],
-                    answers: Sequence[int], max_new_tokens: int = 4) -> dict[str, float]:
-  """Grades ``policy``'s greedy answer to every prompt.
+def evaluate_policy(policy, *, reference, reward_model: RewardModelScorer, tokenizer,
+                    prompts: PromptSet, max_new_tokens: int = 4) -> dict[str, float]:
+  """Grades ``policy``'s greedy answer to every prompt of ``prompts`` (:func:`prompt_set`: the
+  right answers in its ``answer`` column), through the library's evaluation
+  (:func:`alignax.evaluation.sample_completions`: the sampler, then along each completion the
+  exact sequence KL ``Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t))`` over the whole vocabulary,
+  ``alignax.token_kl``).
 
   Returns:
     ``accuracy`` (share of exactly correct answers), ``reward`` (mean reward-model score of
-    prompt + completion), ``kl`` (mean over prompts of :func:`sequence_kl` to ``reference``) and
+    prompt + completion), ``kl`` (mean over prompts of the exact sequence KL to ``reference``) and
     ``length`` (mean completion tokens, the stop token included).
   """
-  ids, mask = _prompt_batch(tokenizer, prompts)
-  sample = generate(policy, ids, mask, max_new_tokens=max_new_tokens, greedy=True,
-                    stop_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
-  texts = _completion_texts(tokenizer, sample)
-  correct = [parse_answer(t) == a for t, a in zip(texts, answers)]
-  sequence = jnp.concatenate([sample.prompt_ids, sample.tokens], axis=1)
-  sequence_mask = jnp.concatenate([sample.prompt_mask, sample.completion_mask], axis=1)
-  completion = jnp.concatenate([jnp.zeros_like(sample.prompt_mask), sample.completion_mask], 1)
-  scores, kl = _score_completions(policy, reference, reward_model, sequence, sequence_mask,
-                                  completion)
-  return {"accuracy": float(np.mean(correct)), "reward": float(jnp.mean(scores)),
-          "kl": float(np.mean(kl)), "length": float(np.mean(np.asarray(sample.lengths)))}
+  options = SamplingOptions(max_new_tokens=max_new_tokens, greedy=True,
+                            stop_token_ids=(tokenizer.eos_token_id,))
+  # Greedy decoding ignores the key.
+  samples = sample_completions(policy, prompts, tokenizer=tokenizer, num_samples=1,
+                               options=options, key=jax.random.key(0), batch_size=len(prompts),
+                               reference=reference)
+  correct = [parse_answer(t) == a for t, a in zip(samples.texts, prompts.columns["answer"])]
+  scores = reward_model.score_ids([[*map(int, p), *c]
+                                   for p, c in zip(prompts.ids, samples.completion_ids)])
+  return {"accuracy": float(np.mean(correct)), "reward": float(np.mean(scores)),
+          "kl": float(np.mean(samples.kl[:, 0])), "length": float(np.mean(samples.lengths))}
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -346,9 +350,16 @@ class DemoRun:
   def data_config(self):
     return DataConfig(max_length=16, seed=self.config.seed)
 
+  @functools.cached_property
+  def prompt_set(self) -> PromptSet:
+    return prompt_set(self.tokenizer, self.prompts, self.answers)
+
   def grader(self, reference, reward_model) -> Callable[[Any], dict[str, float]]:
-    return functools.partial(evaluate_policy, reference=reference, reward_model=reward_model,
-                             tokenizer=self.tokenizer, prompts=self.prompts, answers=self.answers)
+    """:func:`evaluate_policy` on every prompt, against ``reference``, scored by ``reward_model``
+    (a ``RewardModel``)."""
+    scorer = reward_scorer(reward_model, self.tokenizer, batch_size=len(self.prompts))
+    return functools.partial(evaluate_policy, reference=reference, reward_model=scorer,
+                             tokenizer=self.tokenizer, prompts=self.prompt_set)
 
 
 def _history(result) -> list[dict[str, Any]]:
@@ -382,11 +393,10 @@ def make_preference_pairs(run: DemoRun, policy, *, seed: int) -> list[dict[str, 
   wrong answers, found by sampling ``samples_per_prompt`` completions at temperature 1 (most
   frequent first), topped up with :func:`plausible_wrong_answers` in random order."""
   config = run.config
-  ids, mask = _prompt_batch(run.tokenizer, run.prompts)
-  sample = generate(policy, ids, mask, max_new_tokens=4, num_samples=config.samples_per_prompt,
-                    key=jax.random.key(seed), stop_token_ids=(run.tokenizer.eos_token_id,),
-                    pad_token_id=run.tokenizer.pad_token_id)
-  texts = _completion_texts(run.tokenizer, sample)
+  options = SamplingOptions(max_new_tokens=4, stop_token_ids=(run.tokenizer.eos_token_id,))
+  texts = sample_completions(policy, run.prompt_set, tokenizer=run.tokenizer,
+                             num_samples=config.samples_per_prompt, options=options,
+                             key=jax.random.key(seed), batch_size=len(run.prompts)).texts
   rng = np.random.default_rng(seed)
   pairs = []
   for i, (prompt, answer) in enumerate(zip(run.prompts, run.answers)):
@@ -493,17 +503,48 @@ def grpo_stage(run: DemoRun) -> dict[str, Any]:
   return {"policy": training.output_dir, "history": _history(result)}
 
 
+def ppo_stage(run: DemoRun) -> dict[str, Any]:
+  """PPO (Schulman et al. 2017; as Ouyang et al. 2022 and Huang et al. 2024 run it for RLHF;
+  :func:`alignax.train.ppo`) from the SFT policy against the reward stage's Bradley-Terry model,
+  frozen: each round ``batch_size`` prompts get one sampled answer each, scored by the reward model
+  at the end of the answer with a per-token k1 KL penalty to the SFT policy; the critic starts
+  from the reward model's weights, advantages are GAE and whitened, and ``ppo_epochs`` clipped
+  updates follow each rollout."""
+  # Imported here: the PPO trainer is only this stage's.
+  from alignax.train.ppo_trainer import PPOConfig, ppo
+
+  steps = run.config.steps()
+  per_device, _ = run.batch_rows()
+  epochs = run.config.ppo_epochs
+  training = PPOConfig(
+    output_dir=run.path("ppo"), learning_rate=run.config.ppo_learning_rate,
+    per_device_train_batch_size=per_device, max_steps=steps["ppo"], num_ppo_epochs=epochs,
+    num_mini_batches=1, logging_steps=epochs, save_steps=steps["ppo"], save_total_limit=1,
+    lr_scheduler_type="constant_with_warmup", warmup_steps=max(1, steps["ppo"] // 10),
+    seed=run.config.seed, disable_tqdm=not run.config.progress, response_length=4,
+    stop_token="eos", temperature=run.config.ppo_temperature, kl_coef=run.config.ppo_kl_coef,
+    log_completions=False)
+  rows = [{"prompt": p} for p in run.prompts]
+  result = ppo(training, model=run.load("sft"),
+               reward_model=run.load("reward", head="score", num_labels=1),
+               tokenizer=run.tokenizer, train_dataset=rows, data=run.data_config(), mesh=run.mesh)
+  return {"policy": training.output_dir, "history": _history(result)}
+
+
 # name -> (stage function, what it does). Policy stages return {"policy": checkpoint dir}.
 STAGES: dict[str, tuple[Callable[[DemoRun], dict[str, Any]], str]] = {
   "sft": (sft_stage, "supervised fine-tuning on demonstrations that often forget the carry"),
   "reward": (reward_stage, "a Bradley-Terry reward model on the SFT policy's mistakes"),
   "dpo": (dpo_stage, "DPO (+ RPO's NLL term) on the same pairs, the SFT policy as reference"),
   "grpo": (grpo_stage, "GRPO from the SFT policy on the task's verifiable reward"),
+  "ppo": (ppo_stage, "PPO from the SFT policy against the frozen reward model"),
 }
 
 
 # --- reporting ----------------------------------------------------------------------------------
 
+# Bar colours, one per policy in the table's order (base, sft, dpo, grpo, ppo).
+_COLORS = ("#999999", "#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3")
 _COLUMNS = (("accuracy", "task accuracy", "{:.1%}"), ("reward", "RM score", "{:+.3f}"),
             ("kl", "KL to SFT", "{:.3f}"), ("length", "mean length", "{:.2f}"))
 
@@ -521,8 +562,9 @@ def format_table(policies: dict[str, dict[str, float]]) -> str:
 
 def write_plots(output_dir: str, stages: dict[str, dict[str, Any]],
                 policies: dict[str, dict[str, float]]) -> list[str]:
-  """``training_curves.png`` (each stage's loss and its key metrics; DPO's graded accuracy,
-  reward-model score and KL during training) and ``before_after.png`` (the table as bars)."""
+  """``training_curves.png`` (each stage's loss and its key metrics: DPO's graded accuracy,
+  reward-model score and KL during training, GRPO's task reward and KL, PPO's reward-model score
+  of its sampled answers and KL) and ``before_after.png`` (the table as bars)."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -545,6 +587,10 @@ def write_plots(output_dir: str, stages: dict[str, dict[str, Any]],
     elif name == "grpo":
       panels.append((f"{name}: task reward", name, history, ["reward"]))
       panels.append((f"{name}: KL to SFT (k3, per token)", name, history, ["kl"]))
+    elif name == "ppo":
+      panels.append((f"{name}: RM score of sampled answers", name, history,
+                     ["objective/scores"]))
+      panels.append((f"{name}: KL to SFT (k1, per answer)", name, history, ["objective/kl"]))
   columns = 3
   rows = -(-len(panels) // columns)
   fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.2 * rows), squeeze=False)
@@ -569,7 +615,7 @@ def write_plots(output_dir: str, stages: dict[str, dict[str, Any]],
   names = list(policies)
   for ax, (key, title, fmt) in zip(axes, _COLUMNS):
     values = [policies[n][key] for n in names]
-    bars = ax.bar(names, values, color=["#999999", "#4C72B0", "#DD8452", "#55A868"][:len(names)])
+    bars = ax.bar(names, values, color=[_COLORS[i % len(_COLORS)] for i in range(len(names))])
     for bar, value in zip(bars, values):
       ax.annotate(fmt.format(value), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                   ha="center", va="bottom", fontsize=8)
