@@ -59,7 +59,7 @@ commands:
   ppo      PPO with a critic, a frozen reward model and a KL-penalised reward (prompt data)
 
 other commands:
-  demo     the end-to-end demo: SFT, reward model, DPO and GRPO on a tiny model (no downloads)
+  demo     the end-to-end demo: SFT, reward model, DPO, GRPO and PPO on a tiny model (no downloads)
   eval     reward, win rate, KL to the reference and alignment tax of a policy against a baseline
   run      an experiment module: alignax run experiments/NAME.py [--set k=v] [--sweep k=a,b] [--seeds N]
 
