@@ -119,8 +119,12 @@ def test_grpo_learns_a_rule_based_reward_without_a_reference(setup, tmp_path, mo
 
 
 def test_num_iterations_kl_reference_and_exact_resume(setup, tmp_path):
+  # Dynamic sampling with a per-sequence loss and the entropy bonus: the stored batch carries the
+  # rows in the loss (in_loss), which the compiled step's weights and bonus read. Two prompts
+  # kept of four drawn: the sampler runs the other tests' shapes.
   options = dict(max_steps=4, save_steps=2, num_iterations=2, beta=0.04, logging_steps=1,
-                 importance_sampling_correction=True)
+                 importance_sampling_correction=True, dynamic_sampling=True, loss_type="grpo",
+                 entropy_coef=0.01, per_device_train_batch_size=4)
   _, straight = _run(setup, _config(tmp_path / "straight", **options))
 
   first, second = straight[0], straight[1]
@@ -151,19 +155,36 @@ def test_num_iterations_kl_reference_and_exact_resume(setup, tmp_path):
     assert [m[name] for m in resumed] == [m[name] for m in straight[2:]], name
 
 
-@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
 def test_a_group_with_identical_rewards_has_zero_advantage(estimator):
   rewards = np.array([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.5]], np.float32)
   mask = np.ones((2, 4, 3), bool)
+  mask[1, 0, 2] = False  # unequal lengths: no whitening-like shift may creep in
   config = _config("unused", advantage_estimator=estimator)
   advantages = grpo_module._advantages(rewards, mask, config)
   assert advantages.shape == (2, 4, 3)
-  if estimator != "reinforce_pp":  # whitening over the batch shifts every token alike
-    np.testing.assert_array_equal(advantages[0], 0.0)
-    assert np.all(np.abs(advantages[1]) > 0)
-  else:
-    np.testing.assert_allclose(advantages[0], advantages[0, 0, 0])
-    assert np.ptp(advantages[1]) > 0
+  np.testing.assert_array_equal(advantages[0], 0.0)
+  assert np.all(np.abs(advantages[1][mask[1]]) > 0)
+
+
+def test_reinforce_pp_shifts_a_uniform_group_by_the_batch_whitening():
+  """Under REINFORCE++ a group whose rewards agree is not at 0: the whitening subtracts the
+  batch's token-weighted mean of the centred rewards, nonzero when lengths differ (GRPOConfig
+  documents it). Expected values from NumPy: (x - mean) / sqrt(var(ddof=1) + 1e-8) over tokens."""
+  rewards = np.array([[1.0, 1.0], [0.0, 1.0]], np.float32)
+  mask = np.zeros((2, 2, 4), bool)
+  mask[0, :, :2] = True  # the uniform group: 2 tokens each
+  mask[1, 0, :4] = True  # a 4-token wrong answer and a 1-token right one
+  mask[1, 1, :1] = True
+  advantages = grpo_module._advantages(rewards, mask, _config(
+    "unused", advantage_estimator="reinforce_pp", num_generations=2))
+  centred = np.broadcast_to(np.array([[0.0, 0.0], [-0.5, 0.5]])[..., None], mask.shape)
+  tokens = centred[mask]
+  expected = (tokens - tokens.mean()) / np.sqrt(tokens.var(ddof=1) + 1e-8)
+  np.testing.assert_allclose(advantages[mask], expected, rtol=1e-5)
+  uniform = advantages[0][mask[0]]
+  np.testing.assert_allclose(uniform, uniform[0])
+  assert abs(uniform[0]) > 0.1
 
 
 def test_dynamic_sampling_keeps_informative_groups_first_at_a_static_size():
@@ -227,8 +248,11 @@ def test_completions_per_device_must_hold_whole_groups():
     _config("unused", per_device_train_batch_size=6)
   with pytest.raises(ValueError, match="num_generations must be an int >= 2"):
     _config("unused", num_generations=1, per_device_train_batch_size=2)
-  with pytest.raises(ValueError, match="save_steps=3 must be a multiple of num_iterations=2"):
-    _config("unused", num_iterations=2, save_steps=3)
+  # save_steps need not be a multiple of num_iterations (the loop saves at the next round's end):
+  # TRL's num_iterations=3 with the default save_steps=500 constructs.
+  assert GRPOConfig(output_dir="unused", num_iterations=3).save_steps == 500
+  with pytest.raises(ValueError, match="max_steps=4 must be a multiple of num_iterations=3"):
+    _config("unused", num_iterations=3)
 
 
 def test_a_prompt_longer_than_the_budget_is_named(setup, tmp_path):
@@ -276,6 +300,66 @@ def test_the_cli_parses_trl_grpo_flags():
     "--soft_punish_cache", "4", "--reward_timeout", "5", "--reward_on_timeout", "none"])
   assert (config.ratio_level, config.clip_range, config.soft_punish_cache,
           config.reward_on_timeout) == ("sequence", (0.001, None), 4, "none")
+  # TRL's legacy boolean spelling of scale_rewards.
+  for flag, meaning in (("true", "group"), ("false", "none")):
+    config, *_ = cli.parse("grpo", ["--model_name_or_path", "m", "--output_dir", "out",
+                                    "--scale_rewards", flag])
+    assert config.scale_rewards == meaning, flag
+  assert _config("unused", scale_rewards="false").reward_scale == "none"
+
+
+def test_k1_in_the_loss_warns():
+  with pytest.warns(GRPOOptionsWarning, match="kl_estimator='k1' in the loss"):
+    _config("unused", beta=0.04, kl_estimator="k1")
+  import warnings
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    _config("unused", beta=0.0, kl_estimator="k1")  # no KL term: nothing to warn about
+    _config("unused", beta=0.04, kl_estimator="k3")
+
+
+def test_sequence_importance_ratio_metrics_are_per_row():
+  """In a sequence_* mode each completion has one ratio; TRL reduces the [B, 1] ratios. The
+  metric was token-weighted (a long completion's ratio counted once per token)."""
+  rollout = grpo_module._Rollout.__new__(grpo_module._Rollout)
+  valid = np.array([[1, 0, 0], [1, 1, 1], [0, 0, 0]], bool)  # the third row is out of the loss
+  old = np.array([[np.log(0.5), 0, 0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], np.float32)
+  for mode, expected in (("sequence_truncate", (0.5, 0.75, 1.0)),
+                         ("token_truncate", (0.5, 0.875, 1.0))):
+    rollout.config = types.SimpleNamespace(importance_sampling_mode=mode,
+                                           importance_sampling_cap=3.0)
+    weights = rollout._importance_weights(old, np.zeros_like(old), valid)
+    metrics = rollout._importance_metrics(weights, valid)
+    got = tuple(metrics[f"sampling/importance_sampling_ratio/{n}"] for n in ("min", "mean", "max"))
+    np.testing.assert_allclose(got, expected, rtol=1e-6, err_msg=mode)
+
+
+def test_rows_out_of_the_loss_leave_the_per_sequence_row_count(setup):
+  """Dynamic sampling's refill rows (in_loss 0, no loss token) counted in the row mean of grpo,
+  gspo and dr_grpo, shrinking their loss and gradient by kept/total rows: the batch with one must
+  give the loss, the policy_loss metric and the micro-batch weight of the batch without it."""
+  from flax import nnx
+
+  _, base, _ = setup
+  graphdef, params, rest = nnx.split(ax.from_pretrained(base), nnx.Param, ...)
+  ids = np.array([[0, 5, 6, 7, 8, 9], [3, 4, 5, 6, 7, 8], [3, 4, 5, 6, 7, 8]], np.int32)
+  batch = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+           "completion_mask": np.array([[0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1], [0] * 6],
+                                       np.int32),
+           "in_loss": np.array([1.0, 1.0, 0.0], np.float32)}
+  old = np.asarray(online.stored_logprobs(graphdef, (params, rest), batch, temperature=1.0))
+  batch.update(old_logp=old, advantages=np.where(old != 0, np.array([[1.0], [0.5], [0.0]]), 0.0))
+  kept = {k: v[:2] for k, v in batch.items() if k != "in_loss"}
+  for loss_type in ("grpo", "dr_grpo"):
+    objective = grpo_objective(graphdef, loss_type=loss_type, max_completion_length=4)
+    with_refill = objective.loss(params, rest, batch, jax.random.key(0))
+    without = objective.loss(params, rest, kept, jax.random.key(0))
+    np.testing.assert_allclose(float(with_refill[0]), float(without[0]), rtol=1e-5,
+                               err_msg=loss_type)
+    np.testing.assert_allclose(float(with_refill[1]["policy_loss"]),
+                               float(without[1]["policy_loss"]), rtol=1e-5, err_msg=loss_type)
+    assert float(objective.weight(batch)) == float(objective.weight(kept)) == 2.0, loss_type
 
 
 def test_masked_truncated_rows_leave_the_sampler_consistency_metrics(setup, tmp_path):
@@ -343,6 +427,15 @@ def test_reward_std_is_the_std_over_the_batch():
   metrics = grpo_module._reward_metrics(rewards, types.SimpleNamespace(metrics={}))
   np.testing.assert_allclose(metrics["reward_std"], np.std([0, 1, 4, 5], ddof=1), rtol=1e-6)
   assert metrics["frac_reward_zero_std"] == 0.0 and metrics["reward"] == 2.5
+  # frac_reward_zero_std is over the std the advantages divide by: TRL's batch std under
+  # scale_rewards="batch" (it was always the group's).
+  agree = np.array([[1.0, 1.0], [0.0, 1.0]], np.float32)
+  assert grpo_module._reward_metrics(agree, types.SimpleNamespace(metrics={}))[
+    "frac_reward_zero_std"] == 0.5
+  assert grpo_module._reward_metrics(agree, types.SimpleNamespace(metrics={}), scale="batch")[
+    "frac_reward_zero_std"] == 0.0
+  assert grpo_module._reward_metrics(np.ones((2, 2), np.float32), types.SimpleNamespace(
+    metrics={}), scale="batch")["frac_reward_zero_std"] == 1.0
 
 
 def test_estimators_scale_as_their_papers_and_meaningless_combinations_are_named():
@@ -491,8 +584,13 @@ def test_a_round_with_nothing_to_learn_skips_the_optimizer_and_logp_is_micro_bat
   assert line["skipped_updates"] == 2.0 and "loss" not in line
   assert line["frac_reward_zero_std"] == 1.0
   assert int(result.state.step) == 2
-  counts = [x for x in jax.tree.leaves(result.state.opt_state) if np.ndim(x) == 0]
-  assert counts and all(int(c) == 0 for c in counts)  # Adam never stepped
+  import optax
+
+  kinds = (optax.ScaleByScheduleState, optax.ScaleByAdamState)
+  counts = {type(node).__name__: int(node.count) for node in jax.tree.leaves(
+    result.state.opt_state, is_leaf=lambda n: isinstance(n, kinds)) if isinstance(node, kinds)}
+  # Adam never stepped; the learning-rate schedule kept pace with the skipped steps.
+  assert counts == {"ScaleByAdamState": 0, "ScaleByScheduleState": 2}
   after = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     np.testing.assert_array_equal(a, b)

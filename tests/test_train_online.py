@@ -56,7 +56,7 @@ class Counter:
 
 
 def _run(output_dir, *, max_steps=6, updates_per_round=2, skip_rounds=(), on_step=None,
-         **overrides):
+         export=None, **overrides):
   mesh = make_mesh(fsdp=1, devices=jax.devices()[:1])
   options = dict(output_dir=str(output_dir), max_steps=max_steps, logging_steps=3, save_steps=2,
                  disable_tqdm=True)
@@ -73,7 +73,9 @@ def _run(output_dir, *, max_steps=6, updates_per_round=2, skip_rounds=(), on_ste
     rounds.append({"step": step, "prompt_index": prompts["prompt_index"], "draw": draw,
                    "rounds_before": counter.rounds - 1})
     index = step // updates_per_round
-    return Round(batch={"round": index}, metrics={"reward": draw, "round_index": float(index)},
+    # objective/kl_coef is state (PPO's adaptive coefficient): a line shows its latest value.
+    return Round(batch={"round": index}, metrics={"reward": draw, "round_index": float(index),
+                                                  "objective/kl_coef": float(index)},
                  tokens=TOKENS_PER_ROUND, completions=[{"prompt": "p", "completion": f"c{index}"}],
                  trainable=index not in skip_rounds)
 
@@ -92,7 +94,7 @@ def _run(output_dir, *, max_steps=6, updates_per_round=2, skip_rounds=(), on_ste
 
   result = run_rounds(config, state=state, mesh=mesh, iterator=Prompts(), rollout=rollout,
                       update=update, max_steps=max_steps, updates_per_round=updates_per_round,
-                      algorithm="test", on_step=record, host_state=counter)
+                      algorithm="test", on_step=record, host_state=counter, export=export)
   return result, steps, rounds
 
 
@@ -115,8 +117,14 @@ def test_lines_average_their_window_and_rounds_count_once(tmp_path):
   lines = [h for h in result.history if "reward" in h]
   assert [h["step"] for h in lines] == [3, 6]
   first, second = lines
-  # Each metric is its mean over the window's steps that report it...
-  np.testing.assert_allclose(first["reward"], np.mean([s["reward"] for s in steps[:3]]))
+  # A round's metrics count once per round in the window, not once per update (TRL appends them
+  # once per generation): steps 1-3 are rounds 0 and 1, steps 4-6 rounds 1 and 2.
+  np.testing.assert_allclose(first["reward"], np.mean([steps[0]["reward"], steps[2]["reward"]]))
+  np.testing.assert_allclose(second["reward"], np.mean([steps[3]["reward"], steps[4]["reward"]]))
+  assert (first["round_index"], second["round_index"]) == (0.5, 1.5)
+  # ...state (a coefficient, the learning rate) is the latest value, not the window's mean...
+  assert (first["objective/kl_coef"], second["objective/kl_coef"]) == (1.0, 2.0)
+  # ...an update's metric is its mean over the window's steps that report it...
   np.testing.assert_allclose(first["loss"], np.mean([s["loss"] for s in steps[:2]]))
   np.testing.assert_allclose(second["loss"], np.mean([s["loss"] for s in steps[4:6]]))
   np.testing.assert_allclose(first["time/rollout"], np.mean([steps[0]["time/rollout"],
@@ -135,11 +143,72 @@ def test_lines_average_their_window_and_rounds_count_once(tmp_path):
   assert Checkpointer(tmp_path).all_steps() == [2, 4, 6]
 
 
-def test_save_steps_inside_a_round_is_named(tmp_path):
-  with pytest.raises(ValueError, match="save_steps=3 must be a multiple of the 2 optimizer steps"):
-    _run(tmp_path, save_steps=3)
+def test_save_steps_inside_a_round_saves_at_the_next_boundary_and_completions_once(tmp_path):
+  """save_steps need not divide into rounds (GRPO's num_iterations=3 with the default 500 was a
+  config error): a checkpoint goes at the first round boundary at or after each multiple. And a
+  round's completions are written once, at its first logged line, however many lines it has."""
+  result, _, _ = _run(tmp_path, max_steps=12, updates_per_round=3, save_steps=4, logging_steps=2)
+  assert Checkpointer(tmp_path).all_steps() == [6, 9, 12]
+  written = sorted(os.path.basename(f)
+                   for f in glob.glob(os.path.join(tmp_path, "completions", "*.jsonl")))
+  # Lines at 2 (round 0), 4 and 6 (round 1), 8 (round 2), 10 and 12 (round 3).
+  assert written == [f"completions_{s:06d}.jsonl" for s in (2, 4, 8, 10)]
+  assert [h["step"] for h in result.history if "reward" in h] == [2, 4, 6, 8, 10, 12]
   with pytest.raises(ValueError, match="max_steps=5 must be a multiple of the 2 optimizer steps"):
-    _run(tmp_path, max_steps=5)
+    _run(tmp_path / "odd", max_steps=5)
+
+
+def test_a_skipped_round_advances_the_learning_rate_schedule(tmp_path):
+  """A skipped round moved state.step (and the logged learning_rate) but not optax's schedule
+  count: every later update applied the rate of an earlier step. Adam's own count must not move
+  (its bias correction would treat the first real update as a later one)."""
+  import optax
+
+  from alignax.train.optim import make_optimizer
+  from alignax.train.step import init_state
+
+  optimizer, schedule = make_optimizer(1.0, max_steps=4, lr_scheduler_type="linear",
+                                       max_grad_norm=None, adam_epsilon=1e-12)
+  mesh = make_mesh(fsdp=1, devices=jax.devices()[:1])
+  state = init_state({"w": jnp.zeros(())}, optimizer, seed=0)
+
+  def rollout(state, prompts, *, key, step):
+    return Round(batch=None, metrics={}, tokens=1, trainable=step >= 2)  # round 0: nothing
+
+  def update(state, batch, index):
+    # Adam's first steps on a constant gradient move w by exactly the rate it applies.
+    updates, opt_state = optimizer.update({"w": jnp.ones(())}, state.opt_state, state.params)
+    return state._replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                          opt_state=opt_state), {"applied": -updates["w"],
+                                                 "learning_rate": schedule(state.step)}
+
+  applied = {}
+  config = TrainingConfig(output_dir=str(tmp_path), max_steps=4, logging_steps=1, save_steps=4,
+                          disable_tqdm=True)
+  result = run_rounds(config, state=state, mesh=mesh, iterator=Prompts(), rollout=rollout,
+                      update=update, max_steps=4, updates_per_round=2, algorithm="test",
+                      on_step=lambda step, m: applied.update({step: m.get("applied")}))
+  assert applied[1] is None and applied[2] is None
+  for step in (3, 4):  # the update of step s runs at state.step = s - 1
+    np.testing.assert_allclose(applied[step], float(schedule(step - 1)), rtol=1e-4)
+  kinds = (optax.ScaleByScheduleState, optax.ScaleByAdamState)
+  counts = {type(node).__name__: int(node.count) for node in jax.tree.leaves(
+    result.state.opt_state, is_leaf=lambda n: isinstance(n, kinds)) if isinstance(node, kinds)}
+  assert counts == {"ScaleByScheduleState": 4, "ScaleByAdamState": 2}
+
+
+def test_ctrl_c_in_the_last_round_completes_and_exports(tmp_path):
+  exported = []
+
+  def interrupt_at_five(step, metrics):
+    if step == 5:
+      os.kill(os.getpid(), signal.SIGINT)
+
+  result, steps, _ = _run(tmp_path, save_steps=100, on_step=interrupt_at_five,
+                          export=lambda state: exported.append(int(state.step)))
+  assert exported == [6] and int(result.state.step) == 6
+  assert Checkpointer(tmp_path).all_steps() == [6]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_ctrl_c_finishes_the_round_checkpoints_and_resumes_the_same_rounds(tmp_path):

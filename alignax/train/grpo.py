@@ -113,7 +113,8 @@ class GRPOConfig(TrainingConfig):
       ``generation_config.json`` and ``config.json``, as ``transformers``; for a model instance,
       its config's ``eos_token_id``).
     beta: KL coefficient; 0 (TRL's default) builds and evaluates no reference model.
-    kl_estimator: the in-loss KL estimator (``k3``, GRPO's; ``k1``, ``k2``, ``abs``).
+    kl_estimator: the in-loss KL estimator (``k3``, GRPO's; ``k1``, ``k2``, ``abs``); ``k1``
+      with ``beta > 0`` warns (its expected gradient is 0, so it does not regularise).
     loss_type: ``dapo`` (token mean over the batch, TRL's default) | ``grpo`` (mean over sequences
       of token means) | ``bnpo`` (token mean; equal to ``dapo`` under exact accumulation) |
       ``dr_grpo`` (token sums over ``max_completion_length``) | ``gspo`` (sequence-level ratio,
@@ -123,7 +124,8 @@ class GRPOConfig(TrainingConfig):
       A sequence ratio with a token-summing loss type (``dapo``, ``bnpo``, ``cispo``,
       ``dr_grpo``) weights each completion's term by its length and warns (GSPO averages per
       sequence: ``loss_type="grpo"`` or ``"gspo"``).
-    scale_rewards: what the advantages divide by: ``group`` (the group's reward std, GRPO) |
+    scale_rewards: what the advantages divide by (TRL's legacy ``True``/``"true"`` mean
+      ``group``, ``False``/``"false"`` ``none``): ``group`` (the group's reward std, GRPO) |
       ``batch`` (the batch's: GRPO's group mean with the batch std, TRL's ``batch``; RLOO's
       advantages z-scored over the batch, TRL's RLOO ``normalize_advantages``; REINFORCE++'s
       whitening over the batch's tokens) | ``none`` (Dr. GRPO; RLOO as in its paper). None: the
@@ -131,6 +133,10 @@ class GRPOConfig(TrainingConfig):
       ``reinforce_pp`` (which allows nothing else: its recipe is the global whitening).
     advantage_estimator: ``grpo`` (group mean baseline) | ``rloo`` (leave-one-out baseline) |
       ``reinforce_pp`` (REINFORCE++-baseline: group-centred, whitened over the batch's tokens).
+      Under ``grpo`` and ``rloo`` a group whose rewards all agree has advantage 0 (no gradient
+      from it); under ``reinforce_pp`` the whitening subtracts the batch's token-weighted mean,
+      which is not 0 when completions differ in length, so such a group gets a uniform nonzero
+      advantage (the same for each of its tokens) and still moves the policy.
     epsilon: lower clip of the ratio; None: 0.2 for a token ratio (TRL), 3e-4 for a sequence ratio
       (GSPO's, whose ratio is a per-token geometric mean and moves far less).
     epsilon_high: upper clip; None: ``epsilon`` when that is set, else 0.2 for a token ratio and
@@ -178,8 +184,9 @@ class GRPOConfig(TrainingConfig):
   loss_type: str = dataclasses.field(default="dapo", metadata={"choices": GRPO_LOSS_TYPES})
   importance_sampling_level: str | None = dataclasses.field(
     default=None, metadata={"choices": IMPORTANCE_SAMPLING_LEVELS})
-  scale_rewards: str | None = dataclasses.field(default=None,
-                                                metadata={"choices": SCALE_REWARDS})
+  # "true"/"false": TRL's legacy spelling, mapped in __post_init__.
+  scale_rewards: str | None = dataclasses.field(
+    default=None, metadata={"choices": (*SCALE_REWARDS, "true", "false")})
   advantage_estimator: str = dataclasses.field(default="grpo",
                                                metadata={"choices": ADVANTAGE_ESTIMATORS})
   epsilon: float | None = None
@@ -218,9 +225,6 @@ class GRPOConfig(TrainingConfig):
     if self.dynamic_sampling and self.dynamic_sampling_oversample < 2:
       raise ValueError(f"dynamic_sampling needs dynamic_sampling_oversample >= 2 (prompts drawn "
                        f"per prompt kept), got {self.dynamic_sampling_oversample}")
-    if self.save_steps % self.num_iterations:
-      raise ValueError(f"save_steps={self.save_steps} must be a multiple of num_iterations="
-                       f"{self.num_iterations}: checkpoints are taken between generation batches")
     if self.max_steps != -1 and self.max_steps % self.num_iterations:
       raise ValueError(f"max_steps={self.max_steps} must be a multiple of num_iterations="
                        f"{self.num_iterations} (each generation batch gets all its updates)")
@@ -243,6 +247,11 @@ class GRPOConfig(TrainingConfig):
         or not 0 <= self.soft_punish_cache <= self.max_completion_length):
       raise ValueError(f"soft_punish_cache must be an int in [0, max_completion_length="
                        f"{self.max_completion_length}], got {self.soft_punish_cache!r}")
+    # TRL's legacy boolean spelling (its GRPOConfig maps True/False the same way).
+    legacy = {True: "group", False: "none", "true": "group", "false": "none"}
+    key = self.scale_rewards.lower() if isinstance(self.scale_rewards, str) else self.scale_rewards
+    if isinstance(key, (bool, str)) and key in legacy:
+      self.scale_rewards = legacy[key]
     for name, choices in (("kl_estimator", KL_ESTIMATORS), ("loss_type", GRPO_LOSS_TYPES),
                           ("advantage_estimator", ADVANTAGE_ESTIMATORS),
                           ("importance_sampling_mode", IMPORTANCE_SAMPLING_MODES),
@@ -262,6 +271,12 @@ class GRPOConfig(TrainingConfig):
         "has no REINFORCE++ meaning (for group-centred advantages without whitening use "
         "advantage_estimator='grpo', scale_rewards='none')")
     self._warn_incoherent_levels()
+    if self.beta > 0 and self.kl_estimator == "k1":
+      warnings.warn(GRPOOptionsWarning(
+        "kl_estimator='k1' in the loss (beta > 0) has zero expected gradient under on-policy "
+        "samples (E[grad log pi] = 0), so the KL term does not pull towards the reference; use "
+        "'k3' (GRPO's) or 'k2' (Zhang et al. 2025, 'On the Design of KL-Regularized Policy "
+        "Gradient Algorithms')"), stacklevel=3)
 
   @property
   def ratio_level(self) -> str:
@@ -334,7 +349,10 @@ def grpo_objective(graphdef: nnx.GraphDef, *, loss_type: str = "dapo", epsilon: 
   :class:`GRPOConfig`). The batch holds, all ``[B, L]`` in next-token alignment (position ``t``
   scores token ``t + 1``): ``input_ids``, ``attention_mask``, ``completion_mask`` (the sequence
   layout; completion tokens in the loss), ``old_logp`` (the behaviour policy's, from the rollout),
-  ``advantages`` (per token, importance weights folded in) and ``ref_logp`` when ``beta > 0``.
+  ``advantages`` (per token, importance weights folded in) and ``ref_logp`` when ``beta > 0``;
+  optionally ``in_loss`` (``[B]``, 1 for the rows a per-sequence loss averages over: dynamic
+  sampling's refill rows are 0, so they do not dilute the mean over sequences; without it every
+  row counts).
 
   The entropy bonus :math:`\bar H` is the mean entropy per completion token of the whole
   generation batch whatever the aggregation (TRL's semantics: ``entropy_coef`` means the same for
@@ -342,8 +360,8 @@ def grpo_objective(graphdef: nnx.GraphDef, *, loss_type: str = "dapo", epsilon: 
   batch's ``entropy_norm`` (``[B]``, every row the generation batch's rows over its loss tokens,
   written by the rollout); without it the micro-batch is taken as the whole batch.
 
-  The micro-batch weight is its number of completion tokens (token-mean types) or of rows
-  (sequence-mean types), so accumulation gives the whole generation batch's loss.
+  The micro-batch weight is its number of completion tokens (token-mean types) or of rows in the
+  loss (sequence-mean types), so accumulation gives the whole generation batch's loss.
   """
   from alignax.losses.policy import grpo_loss
   from alignax.losses.supervised import next_token_targets
@@ -377,20 +395,33 @@ def grpo_objective(graphdef: nnx.GraphDef, *, loss_type: str = "dapo", epsilon: 
                                kl_estimator=kl_estimator, loss_agg_mode=agg_mode,
                                max_len=max_completion_length, importance_level=level,
                                loss_type=policy_type, entropy=out.entropy, **clip)
+    rows = jnp.maximum(rows_in_loss(batch), 1.0)
+    if unit == "rows" and "in_loss" in batch:
+      # The loss averaged over all b rows, rows out of it (dynamic sampling's refill) giving 0;
+      # its mean over the rows in it is b / n times that.
+      scale = batch["input_ids"].shape[0] / rows
+      value = value * scale
+      metrics = {**metrics, "policy_loss": metrics["policy_loss"] * scale}
     if entropy_coef > 0:
       entropy_sum = jnp.sum(jnp.where(mask, out.entropy, 0.0))
       tokens = jnp.maximum(masked_count(mask), 1.0)
       if unit == "rows" and "entropy_norm" in batch:
-        # share-weighted over micro-batches of b rows each, S_i * (B / N) / b sums to S / N.
-        bonus = entropy_sum * batch["entropy_norm"][0] / batch["input_ids"].shape[0]
+        # Micro-batches weighted by their n_i rows in the loss (N in all, T tokens):
+        # S_i * (N / T) / n_i, weighted n_i / N, sums to S / T.
+        bonus = entropy_sum * batch["entropy_norm"][0] / rows
       else:  # token-weighted micro-batches: their token means combine into the batch's
         bonus = entropy_sum / tokens
       value = value - entropy_coef * bonus
     return value, metrics
 
+  def rows_in_loss(batch: dict[str, Any]) -> jax.Array:
+    if "in_loss" in batch:
+      return jnp.sum(batch["in_loss"].astype(jnp.float32))
+    return jnp.asarray(batch["input_ids"].shape[0], jnp.float32)
+
   def weight(batch: dict[str, Any]) -> jax.Array:
     if unit == "rows":
-      return jnp.asarray(batch["input_ids"].shape[0], jnp.float32)
+      return rows_in_loss(batch)
     return masked_count(loss_tokens(batch))
 
   def token_count(batch: dict[str, Any]) -> jax.Array:
@@ -498,18 +529,20 @@ def _rewards(scored: Any) -> np.ndarray:
   return rewards
 
 
-def _reward_metrics(rewards: np.ndarray, scored: Any) -> dict[str, float]:
+def _reward_metrics(rewards: np.ndarray, scored: Any, *, scale: str = "group"
+                    ) -> dict[str, float]:
   """TRL's reward metrics over every drawn group (before dynamic sampling drops any) and the
   scorable completions only: ``reward`` (mean), ``reward_std`` (the std over the batch, TRL's
-  ``nanstd(rewards)``), ``frac_reward_zero_std`` (groups whose rewards all agree) and the
-  runner's per-source metrics."""
+  ``nanstd(rewards)``), ``frac_reward_zero_std`` (the share of completions whose scaling std is
+  0: their group's, or with ``scale="batch"`` the batch's, as TRL) and the runner's per-source
+  metrics."""
   flat = rewards.reshape(-1)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)  # nothing scored: NaN, as TRL logs it
     mean = float(np.nanmean(flat))
-  group_std = _nanstd(rewards, axis=-1)
+  std = _nanstd(flat) if scale == "batch" else _nanstd(rewards, axis=-1)
   metrics = {"reward": mean, "reward_std": float(_nanstd(flat)),
-             "frac_reward_zero_std": float(np.mean(np.isclose(group_std, 0.0)))}
+             "frac_reward_zero_std": float(np.mean(np.isclose(std, 0.0)))}
   metrics.update({k: float(v) for k, v in scored.metrics.items()})
   return metrics
 
@@ -623,7 +656,7 @@ class _Rollout:
     timings["time/reward"] = time.perf_counter() - start
 
     rows, informative = _select_groups(rewards, self.prompts_kept)
-    metrics = _reward_metrics(rewards, scored)
+    metrics = _reward_metrics(rewards, scored, scale=c.reward_scale)
     rewards = rewards.reshape(-1)[rows].reshape(-1, group)
 
     completion_mask = np.asarray(sample.completion_mask)[rows]
@@ -664,14 +697,15 @@ class _Rollout:
     advantages = to_token_positions(token_advantages, prompt_length, total)
     if c.importance_sampling_correction:
       weights = self._importance_weights(old_logp, sampler_logp, valid)
-      metrics.update({f"sampling/importance_sampling_ratio/{name}": (
-                        float(fn(weights[valid])) if valid.any() else 0.0)
-                      for name, fn in (("min", np.min), ("mean", np.mean), ("max", np.max))})
+      metrics.update(self._importance_metrics(weights, valid))
       advantages = advantages * weights
+    # Refill rows leave the per-sequence losses' row count, as they left the loss's tokens (a row
+    # masked for truncation stays in it, as in TRL, where it counts in the mean with loss 0).
+    in_loss = np.repeat(informative, group).astype(np.float32)
     stored = {"old_logp": np.where(valid, old_logp, 0.0).astype(np.float32),
-              "advantages": advantages.astype(np.float32)}
+              "advantages": advantages.astype(np.float32), "in_loss": in_loss}
     if c.entropy_coef > 0:
-      stored["entropy_norm"] = np.full(input_ids.shape[0], input_ids.shape[0]
+      stored["entropy_norm"] = np.full(input_ids.shape[0], in_loss.sum()
                                        / max(int(valid.sum()), 1), np.float32)
     placed.update(place_micro_batches(stored, self.mesh, accumulation, global_batch=True))
     if self.reference_fn is not None:
@@ -694,6 +728,19 @@ class _Rollout:
              for i, r in enumerate(rows)]
     return Round(batch=placed, metrics=metrics, tokens=int(attention_mask.sum()),
                  completions=table, trainable=trainable)
+
+  def _importance_metrics(self, weights: np.ndarray, valid: np.ndarray) -> dict[str, float]:
+    """``sampling/importance_sampling_ratio/{min,mean,max}``: over the loss's tokens, or in a
+    ``sequence_*`` mode over its rows, one value each (TRL reduces the ``[B, 1]`` ratios; a
+    token-weighted mean counted a long completion's ratio once per token)."""
+    if self.config.importance_sampling_mode.startswith("sequence"):
+      # Every valid token of a row carries the row's weight.
+      values = np.max(np.where(valid, weights, -np.inf), axis=1)[valid.any(axis=1)]
+    else:
+      values = weights[valid]
+    return {f"sampling/importance_sampling_ratio/{name}": (float(fn(values)) if values.size
+                                                             else 0.0)
+            for name, fn in (("min", np.min), ("mean", np.mean), ("max", np.max))}
 
   def _importance_weights(self, old_logp, sampler_logp, valid):
     c = self.config

@@ -246,12 +246,12 @@ class Round:
   Attributes:
     batch: what ``update`` takes (typically the generation batch placed on the mesh as
       ``[gradient_accumulation_steps, rows, ...]`` micro-batches).
-    metrics: the round's scalar metrics (rewards, lengths, timings), logged with each of its
-      updates and averaged over the logging window like the updates' own.
+    metrics: the round's scalar metrics (rewards, lengths, timings), passed to ``on_step`` with
+      each of its updates and counted once per round in the logging window's mean.
     tokens: the round's real tokens (prompt + completion), added to ``num_tokens`` once, however
       many updates reuse them.
-    completions: rows written to ``output_dir/completions/completions_{step}.jsonl`` when a
-      logging step falls in this round (None: nothing to write).
+    completions: rows written to ``output_dir/completions/completions_{step}.jsonl`` at the
+      first logging step that falls in this round (None: nothing to write).
     trainable: False when no update could change the policy (no loss token left, or every
       advantage zero with no KL or entropy term): the round's updates are skipped instead of
       stepping the optimizer with a zero gradient (whose Adam moments, bias correction and
@@ -273,12 +273,41 @@ class RoundsResult:
   history: list[dict[str, Any]]
 
 
-# Logged as the latest step's value, not the window's mean (transformers' Trainer does the same).
-_LATEST = ("learning_rate", "grad_norm", "num_tokens")
+# State, not measurements of a step: logged as the latest value, not the window's mean
+# (transformers' Trainer logs learning_rate, grad_norm and epoch so; TRL's PPO its lr, episode and
+# kl_coef of the update it logs).
+_LATEST = ("learning_rate", "lr", "grad_norm", "num_tokens", "episode", "epoch",
+           "objective/kl_coef")
 # Summed over the logging window rather than averaged.
 _COUNTS = ("skipped_updates",)
 # Charged to a round's first update only (the others reuse its generation batch).
 _ROUND_ONCE = ("time/rollout",)
+
+
+def _advance_schedules(opt_state: Any) -> Any:
+  """``opt_state`` with every ``optax.ScaleByScheduleState.count`` one step on, the rest as it is:
+  a skipped update keeps the learning-rate schedule in step with ``state.step`` while Adam's own
+  count (its bias correction) still sees the first real update as its first."""
+  import optax
+
+  def is_schedule(node: Any) -> bool:
+    return isinstance(node, optax.ScaleByScheduleState)
+
+  def advance(node: Any) -> Any:
+    if not is_schedule(node):
+      return node
+    count = node.count + 1
+    if isinstance(node.count, jax.Array):
+      count = jax.device_put(count, node.count.sharding)
+    return node._replace(count=count)
+
+  return jax.tree.map(advance, opt_state, is_leaf=is_schedule)
+
+
+def _crosses_save(step: int, *, save_steps: int, updates_per_round: int) -> bool:
+  """Whether the round that ends at ``step`` reached a multiple of ``save_steps``: checkpoints go
+  at the first round boundary at or after each multiple (a round is never cut)."""
+  return step // save_steps > (step - updates_per_round) // save_steps
 
 
 def run_rounds(config: Any, *, state: TrainState, mesh: jax.sharding.Mesh, iterator: Any,
@@ -298,17 +327,22 @@ def run_rounds(config: Any, *, state: TrainState, mesh: jax.sharding.Mesh, itera
   step, the update's metrics plus the round's are logged with ``num_tokens`` (cumulative real
   tokens, each round counted once), ``time/train`` (the update), ``time/rollout`` and
   ``step_time`` (the update, plus the rollout on a round's first update). A logged line holds each
-  metric's mean over the steps since the previous line (as ``fit`` and ``transformers`` log;
-  ``learning_rate``, ``grad_norm`` and ``num_tokens`` are the latest step's; ``skipped_updates``
-  is the window's count), and the latest round's completions go to ``output_dir/completions/``.
+  update metric's mean over the steps since the previous line (as ``fit`` and ``transformers``
+  log), each round metric's mean over the rounds whose updates fall in that window, each round
+  once (TRL appends its reward metrics once per generation); state rather than measurements
+  (``learning_rate``, ``lr``, ``grad_norm``, ``num_tokens``, ``episode``, ``epoch``,
+  ``objective/kl_coef``) is the latest value, ``skipped_updates`` the window's count. A round's
+  completions go to ``output_dir/completions/`` once, at the first logged line in it.
 
   Checkpoints are taken at round boundaries only (a checkpoint inside a round would need the
-  generation batch, which is not saved): at every ``save_steps``, at ``max_steps``, and when a
-  Ctrl-C stops the run. A resumed run (``config.resume_from_checkpoint``) regenerates nothing; the
+  generation batch, which is not saved): at the first boundary at or after every multiple of
+  ``save_steps`` (which need not be a multiple of ``updates_per_round``), at ``max_steps``, and
+  when a Ctrl-C stops the run. A resumed run (``config.resume_from_checkpoint``) regenerates nothing; the
   rollout's key is derived from the checkpointed RNG and the round index
   (:func:`sampler_key`), so it replays the same trajectory. Ctrl-C (single process, main thread)
-  finishes the current round's updates, saves a checkpoint and raises ``KeyboardInterrupt``; a
-  second Ctrl-C stops at once (``alignax.train.loop.fit``'s mechanism).
+  finishes the current round's updates, saves a checkpoint and raises ``KeyboardInterrupt`` (in
+  the last round the run is complete: it saves, exports and returns); a second Ctrl-C stops at
+  once (``alignax.train.loop.fit``'s mechanism).
 
   Args:
     config: the run's ``TrainingConfig`` (``output_dir``, ``logging_steps``, ``save_steps``,
@@ -345,7 +379,7 @@ def run_rounds(config: Any, *, state: TrainState, mesh: jax.sharding.Mesh, itera
     :class:`RoundsResult`.
 
   Raises:
-    ValueError: ``save_steps`` or ``max_steps`` not a multiple of ``updates_per_round``, a resume
+    ValueError: ``max_steps`` not a multiple of ``updates_per_round``, a resume
       checkpoint inside a round, or prompts that run out before ``max_steps``.
     alignax.train.step.NonFiniteError: a NaN/Inf loss or gradient norm.
     KeyboardInterrupt: after a Ctrl-C, once the checkpoint is saved.
@@ -359,12 +393,12 @@ def run_rounds(config: Any, *, state: TrainState, mesh: jax.sharding.Mesh, itera
 
   _validate.positive_int("updates_per_round", updates_per_round)
   _validate.positive_int("max_steps", max_steps)
-  for name, value in (("save_steps", config.save_steps), ("max_steps", max_steps)):
-    if value % updates_per_round:
-      raise ValueError(
-        f"{name}={value} must be a multiple of the {updates_per_round} optimizer steps per "
-        f"generation batch of {algorithm}: checkpoints are taken between generation batches, and "
-        "every generation batch gets all its updates")
+  _validate.positive_int("save_steps", config.save_steps)
+  if max_steps % updates_per_round:
+    raise ValueError(
+      f"max_steps={max_steps} must be a multiple of the {updates_per_round} optimizer steps per "
+      f"generation batch of {algorithm}: every generation batch gets all its updates (round "
+      f"max_steps up to {-(-max_steps // updates_per_round) * updates_per_round} or down)")
 
   main = jax.process_index() == 0
   metrics_logger = MetricsLogger(
@@ -401,6 +435,7 @@ def run_rounds(config: Any, *, state: TrainState, mesh: jax.sharding.Mesh, itera
     window = _Window()
     log_completions = getattr(config, "log_completions", True) and main
     eval_every = config.eval_steps or config.logging_steps
+    written_round = None
     interrupt.install()
     while step < max_steps:
       try:
@@ -426,16 +461,21 @@ def run_rounds(config: Any, *, state: TrainState, mesh: jax.sharding.Mesh, itera
           metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
           check_finite(step, {k: metrics[k] for k in ("loss", "grad_norm") if k in metrics})
         else:
-          # The optimizer does not move; the step counter does, so the schedule and the step's
-          # key stay where an update would have left them.
-          state = state._replace(step=jax.device_put(state.step + 1, state.step.sharding))
+          # The optimizer does not move; the step counter and the learning-rate schedule do, so
+          # the step's key and the rate the next update applies are where an update would have
+          # left them.
+          state = state._replace(step=jax.device_put(state.step + 1, state.step.sharding),
+                                 opt_state=_advance_schedules(state.opt_state))
           metrics = {"skipped_updates": 1.0}
         metrics["time/train"] = time.perf_counter() - start
-        metrics.update({k: v for k, v in round_metrics.items()
-                        if index == 0 or k not in _ROUND_ONCE})
+        of_round = {k: v for k, v in round_metrics.items() if k not in _ROUND_ONCE}
+        metrics = {k: v for k, v in metrics.items() if k not in of_round}
+        if index == 0:
+          metrics.update({k: v for k, v in round_metrics.items() if k in _ROUND_ONCE})
         metrics["step_time"] = metrics["time/train"] + metrics.get("time/rollout", 0.0)
         metrics["num_tokens"] = tokens_seen
-        window.add(metrics)
+        window.add(metrics, round_index=round_index, round_metrics=of_round)
+        metrics.update(of_round)
         progress.update(1)
         progress.set_postfix({k.split("/")[-1]: f"{metrics[k]:.4f}"
                               for k in ("loss", "reward", "objective/rlhf_reward")
@@ -445,14 +485,20 @@ def run_rounds(config: Any, *, state: TrainState, mesh: jax.sharding.Mesh, itera
         if step % config.logging_steps == 0 or step == max_steps:
           metrics_logger.update_state(num_input_tokens_seen=tokens_seen)
           metrics_logger.log(step, window.flush())
-          if log_completions and generated.completions is not None:
+          if log_completions and generated.completions is not None and \
+              written_round != round_index:  # a round's completions once, at its first line
             write_completions(config.output_dir, step, generated.completions)
+            written_round = round_index
         if evaluate is not None and (step % eval_every == 0 or step == max_steps):
           metrics_logger.log(step, {k: float(v) for k, v in evaluate(state).items()})
-      stopping = interrupt.requested
+      # A Ctrl-C in the last round stops nothing: the run is complete, and exports.
+      stopping = interrupt.requested and step < max_steps
+      if interrupt.requested and not stopping:
+        logger.info("Ctrl-C in the last round: the run is complete at step %d; exporting", step)
       if stopping and window.steps:  # the partial window's line, saved with the checkpoint
         metrics_logger.log(step, window.flush())
-      if step % config.save_steps == 0 or step == max_steps or stopping:
+      if _crosses_save(step, save_steps=config.save_steps, updates_per_round=updates_per_round) \
+          or step == max_steps or stopping:
         metrics_logger.update_state(num_input_tokens_seen=tokens_seen)
         checkpointer.save(step, state._replace(frozen=None), data_state=iterator.get_state(),
                           trainer_state=metrics_logger.state_json())
@@ -496,18 +542,25 @@ class _WithHostState:
 
 class _Window:
   """The metrics of the steps since the last logged line: each metric's mean over the steps that
-  reported it (a skipped update reports no loss), the latest value of ``_LATEST`` and the sum of
-  ``_COUNTS``."""
+  reported it (a skipped update reports no loss), a round's own metrics (rewards, lengths) once
+  per round whose updates fall in the window however many updates it took (TRL appends them once
+  per generation), the latest value of ``_LATEST`` and the sum of ``_COUNTS``."""
 
   def __init__(self):
     self.totals: dict[str, float] = {}
     self.counts: dict[str, int] = {}
     self.latest: dict[str, float] = {}
+    self.rounds: set[int] = set()
     self.steps = 0
 
-  def add(self, metrics: dict[str, float]) -> None:
+  def add(self, metrics: dict[str, float], *, round_index: int | None = None,
+          round_metrics: dict[str, float] | None = None) -> None:
     self.steps += 1
-    for name, value in metrics.items():
+    entries = dict(metrics)
+    if round_metrics is not None and round_index not in self.rounds:
+      self.rounds.add(round_index)
+      entries.update(round_metrics)
+    for name, value in entries.items():
       self.totals[name] = self.totals.get(name, 0.0) + value
       self.counts[name] = self.counts.get(name, 0) + 1
       self.latest[name] = value
