@@ -32,27 +32,48 @@ reward model's weights with a per-token read-out, as TRL's script initialises it
 ``value_head_on_policy``, a linear head on the policy's final hidden states (one forward serves
 both; the value loss then trains the policy's body too).
 
-Batch sizes follow TRL: one optimizer step (a minibatch) sees ``per_device_train_batch_size ×
-(data × fsdp devices) × gradient_accumulation_steps`` completions; a round samples
-``num_mini_batches`` times that and takes ``num_ppo_epochs × num_mini_batches`` optimizer steps.
-``max_steps`` counts optimizer steps. The rounds run on the online trainers' host loop
-(:func:`alignax.train.online.run_rounds`: window-averaged metrics, completions, Ctrl-C, export);
-checkpoints are taken at round boundaries only and hold the KL coefficient (the loop's host state)
-and the EMA reference (in the optimizer state) with the parameters, so a resumed run replays the
-same trajectory (the sampler's key and the minibatch shuffles are derived from the seed and the
-round).
+Batch sizes: one optimizer step (a minibatch) sees ``per_device_train_batch_size × (data × fsdp
+devices) × gradient_accumulation_steps`` completions; a round samples ``num_mini_batches`` times
+that and takes ``num_ppo_epochs × num_mini_batches`` optimizer steps. One step is one optimizer
+update, as in GRPO and transformers' ``Trainer`` (``max_steps``, ``save_steps``, ``logging_steps``,
+``eval_steps``); TRL's PPO counts rollouts instead (see :class:`PPOConfig`). The rounds run on the
+online trainers' host loop (:func:`alignax.train.online.run_rounds`: window-averaged metrics,
+completions, Ctrl-C, export, the in-training evaluation of ``eval_num_prompts``); checkpoints are
+taken at round boundaries only (the first at or after each multiple of ``save_steps``) and hold
+the KL coefficient (the loop's host state) and the EMA reference (in the optimizer state) with the
+parameters, so a resumed run replays the same trajectory (the sampler's key and the minibatch
+shuffles are derived from the seed and the round).
+
+Where alignax deviates from TRL's ``PPOTrainer``:
+
+- the score is paid at the completion's last real token (the stop token when it stopped), with a
+  bootstrap value of 0 after it, as Huang et al. describe; TRL truncates after the stop token and
+  pays at the last non-pad token, which is the same position, but with ``stop_token=None`` both
+  score the whole ``response_length`` tokens (TRL parity);
+- token metrics (entropy, KL, ratios, clip fractions) are means over the completion tokens only,
+  never over padding;
+- batch sizing is TRL's (its ``batch_size = per_device_train_batch_size ×
+  gradient_accumulation_steps × num_mini_batches × world_size`` completions per rollout), with the
+  world size the mesh's data × fsdp devices rather than the number of processes; the step unit is
+  not (above);
+- gradients are not clipped by default (``max_grad_norm=None``, as TRL's loop, which never
+  clips); set ``max_grad_norm`` to clip the policy's and the critic's joint gradient;
+- with ``kl_coef=0`` and no ``target_kl`` the reference forward is skipped (the penalty is 0) and
+  ``objective/kl`` is not logged.
 
 The Huang et al. invariants hold by construction and are tested: the rollout's old log-probs come
 from the same forward the loss runs, at the sampling temperature, so the first minibatch of every
 round has ratio 1, no clipping and zero approximate KL.
 """
 
+import copy
 import dataclasses
 import functools
 import logging
 import math
 import time
 import types
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -85,6 +106,15 @@ class PPOConfig(TrainingConfig):
   """PPO with a critic (TRL's ``PPOConfig`` names and defaults, plus alignax's ``target_kl``,
   ``ref_ema_decay`` and ``value_head_on_policy``).
 
+  Steps: ``max_steps``, ``save_steps``, ``logging_steps`` and ``eval_steps`` count optimizer
+  updates (one minibatch each), as GRPO and transformers' ``Trainer`` do. A rollout takes
+  ``num_ppo_epochs × num_mini_batches`` of them, so TRL's per-rollout counts map as ``max_steps =
+  rollouts × num_ppo_epochs × num_mini_batches`` (``max_steps`` must be such a multiple: every
+  rollout gets all its updates) and TRL's ``save_steps=N`` rollouts is alignax's ``N ×
+  num_ppo_epochs × num_mini_batches``; a ``save_steps`` that is not a multiple saves at the first
+  rollout boundary at or after each multiple. ``max_grad_norm`` defaults to None (no clipping),
+  as TRL's PPO loop.
+
   Attributes:
     sft_model_path: the policy to start from (TRL's name; ``--model_name_or_path`` is used when
       unset).
@@ -96,16 +126,18 @@ class PPOConfig(TrainingConfig):
       states (the value loss then trains the policy's body too).
     reward_funcs: extra reward functions (built-in names or ``module.function`` paths, TRL's
       contract) whose weighted sum is added to the reward model's score.
-    reward_weights: one weight per reward function.
+    reward_weights: one weight per reward function (needs reward functions).
     num_ppo_epochs: passes over each rollout (TRL: 4).
     num_mini_batches: minibatches (optimizer steps) per pass (TRL: 1).
-    total_episodes: completions to train on in all (TRL's name; sets ``max_steps`` when given).
+    total_episodes: completions to train on in all (TRL's name; sets ``max_steps``, so the two
+      are exclusive).
     response_length: the most tokens sampled per completion (TRL: 53).
     stop_token: ``eos``: completions end at the tokenizer's EOS (None: no stop token unless
       ``stop_token_id``; TRL's default, every completion runs to ``response_length``).
     stop_token_id: the id that ends a completion (exclusive with ``stop_token``).
     temperature: sampling temperature; the training forward divides its logits by it too (TRL: 0.7).
-    missing_eos_penalty: subtracted from the score of a completion without EOS (> 0; None: off).
+    missing_eos_penalty: subtracted from the score of a completion without EOS (> 0; None: off;
+      without a stop token the sampler does not stop at EOS, and a warning says so).
     kl_coef: the KL penalty's coefficient β in the reward (TRL: 0.05); the starting value when
       ``target_kl`` is set.
     kl_estimator: the per-token KL in the reward: ``k1`` (log-ratio, TRL's default) or ``k3``.
@@ -113,7 +145,7 @@ class PPOConfig(TrainingConfig):
       None: β fixed).
     kl_horizon: the controller's horizon in completions (Ziegler et al.: 10000).
     ref_ema_decay: the reference follows the policy as an exponential moving average with this
-      decay, updated after each round (None: a frozen copy of the initial policy).
+      decay, updated after every optimizer step (None: a frozen copy of the initial policy).
     whiten_rewards: scale the per-token rewards to unit variance (no mean shift; TRL: off).
     cliprange: the ratio's clip range ε (TRL: 0.2).
     vf_coef: the value loss's coefficient (TRL: 0.1).
@@ -151,6 +183,8 @@ class PPOConfig(TrainingConfig):
   gamma: float = 1.0
   lam: float = 0.95
   log_completions: bool = True
+  # TRL's PPO loop never clips the gradient.
+  max_grad_norm: float | None = None
 
   def __post_init__(self):
     super().__post_init__()
@@ -158,6 +192,9 @@ class PPOConfig(TrainingConfig):
       _validate.positive_int(name, getattr(self, name))
     if self.total_episodes is not None:
       _validate.positive_int("total_episodes", self.total_episodes)
+      if self.max_steps != -1:
+        raise ValueError(f"total_episodes={self.total_episodes} and max_steps={self.max_steps} "
+                         "both set the run's length: give one")
     if self.stop_token is not None:
       _validate.choice("stop_token", self.stop_token, STOP_TOKENS)
       if self.stop_token_id is not None:
@@ -190,9 +227,6 @@ class PPOConfig(TrainingConfig):
       raise ValueError("value_head_on_policy=True puts the critic on the policy; drop "
                        f"value_model_path={self.value_model_path!r}")
     updates = self.updates_per_round
-    if self.save_steps % updates:
-      raise ValueError(f"save_steps={self.save_steps} must be a multiple of num_ppo_epochs × "
-                       f"num_mini_batches = {updates}: checkpoints are taken between rollouts")
     if self.max_steps != -1 and self.max_steps % updates:
       raise ValueError(f"max_steps={self.max_steps} must be a multiple of num_ppo_epochs × "
                        f"num_mini_batches = {updates} (each rollout gets all its updates)")
@@ -461,7 +495,7 @@ class _Rollout:
   """Builds one round's stored batch on the host: generation, scoring, the behaviour forward,
   rewards and advantages."""
 
-  def __init__(self, *, config: PPOConfig, graphdef: nnx.GraphDef, reference: _Reference,
+  def __init__(self, *, config: PPOConfig, graphdef: nnx.GraphDef, reference: _Reference | None,
                kl: _KLCoefficient, scorer: Any, runner: Any, tokenizer: Any,
                mesh: jax.sharding.Mesh, stop_token_ids: tuple[int, ...], eos_token_id: int | None,
                forward_rows: int, max_steps: int):
@@ -506,10 +540,11 @@ class _Rollout:
       prompt_values = self.tokenizer.batch_decode(
         [row[m.astype(bool)].tolist() for row, m in zip(prompt_ids, prompt_mask)],
         skip_special_tokens=True)
-    scores, sources, per_source, metrics = self._score(
-      prompt_ids, prompt_mask, completion_ids, list(prompt_values), completions, extras, step)
     has_eos = np.array([self.eos_token_id is not None and self.eos_token_id in ids
                         for ids in completion_ids])
+    scores, sources, per_source, metrics = self._score(
+      prompt_ids, prompt_mask, completion_ids, list(prompt_values), completions, extras, step,
+      has_eos)
     raw_scores = scores.copy()
     if c.missing_eos_penalty is not None:
       scores = np.where(has_eos, scores, scores - c.missing_eos_penalty).astype(np.float32)
@@ -526,6 +561,9 @@ class _Rollout:
       outputs = _behaviour_outputs(self.graphdef, (state.params, state.frozen), placed,
                                    temperature=c.temperature)
       old_logp[rows], values[rows] = (np.asarray(x) for x in jax.device_get(outputs))
+      if self.reference is None:  # kl_coef = 0: a KL of 0 leaves the rewards as they are
+        ref_logp[rows] = old_logp[rows]
+        continue
       ref_start = time.perf_counter()
       ref_logp[rows] = np.asarray(jax.device_get(
         self.reference.logprobs(state, placed, temperature=c.temperature)))
@@ -551,8 +589,9 @@ class _Rollout:
 
     kl_per_row = shaped["kl"].sum(axis=1)
     non_score = shaped["non_score_reward"].sum(axis=1)
+    if self.reference is not None:
+      metrics["objective/kl"] = float(kl_per_row.mean())
     metrics.update({
-      "objective/kl": float(kl_per_row.mean()),
       "objective/entropy": float(-old_logp.sum(axis=1).mean()),
       "objective/non_score_reward": float(non_score.mean()),
       "objective/rlhf_reward": float(non_score.mean() + scores.mean()),
@@ -571,12 +610,14 @@ class _Rollout:
                  for name, v in zip(sources, per_source[i])},
               "kl": float(kl_per_row[i]), "has_eos": bool(has_eos[i])}
              for i in range(len(completions))]
-    # The controller sees this rollout's KL; the next round's rewards use the new coefficient.
-    self.kl.observe(metrics["objective/kl"], len(completions))
+    if self.reference is not None:
+      # The controller sees this rollout's KL; the next round's rewards use the new coefficient.
+      self.kl.observe(metrics["objective/kl"], len(completions))
     return Round(batch=batch, metrics=metrics, tokens=int(batch["attention_mask"].sum()),
                  completions=table)
 
-  def _score(self, prompt_ids, prompt_mask, completion_ids, prompts, completions, extras, step):
+  def _score(self, prompt_ids, prompt_mask, completion_ids, prompts, completions, extras, step,
+             has_eos):
     """Scores ``[B]``: the reward model's plus the reward functions' weighted sum."""
     count = len(completion_ids)
     scores = np.zeros(count, np.float32)
@@ -588,8 +629,8 @@ class _Rollout:
                      for row, m, ids in zip(prompt_ids, prompt_mask, completion_ids)]
         model_scores = self.scorer.score_ids(sequences)
       else:
-        model_scores = np.asarray(self.scorer(prompts=prompts, completions=completions),
-                                  np.float32)
+        model_scores = self.scorer.score_ids(_text_sequences(self.scorer, prompts, completions,
+                                                             has_eos))
       scores += model_scores
       names.append(self.scorer.name)
       columns.append(model_scores)
@@ -606,6 +647,27 @@ class _Rollout:
       metrics.update({k: float(v) for k, v in scored.metrics.items()})
     per_source = np.stack(columns, axis=1) if columns else np.zeros((count, 0), np.float32)
     return scores.astype(np.float32), names, per_source, metrics
+
+
+def _text_sequences(scorer: Any, prompts: list[Any], completions: list[str],
+                    has_eos: np.ndarray) -> list[list[int]]:
+  """The reward model's token ids of prompt + decoded completion, ending with its EOS only where
+  the policy's completion had one (the scorer's ``append_eos`` would end truncated completions
+  with EOS too, and score them as finished)."""
+  from alignax.rewards.contract import is_conversational
+
+  plain = copy.copy(scorer)
+  plain.append_eos = False
+  eos = scorer.tokenizer.eos_token_id
+  sequences = []
+  for prompt, completion, ended in zip(prompts, completions, has_eos):
+    ids = plain.encode(prompt, completion)
+    # A chat template closes the assistant turn itself; plain text gets EOS as the scorer would.
+    if (ended and scorer.append_eos and eos is not None and not is_conversational(prompt)
+        and (not ids or ids[-1] != eos)):
+      ids.append(eos)
+    sequences.append(ids)
+  return sequences
 
 
 def _same_vocabulary(a: Any, b: Any) -> bool:
@@ -660,10 +722,15 @@ def _load_scorer(reward_model: Any, config: PPOConfig, *, tokenizer: Any, mesh: 
 
 
 def _value_model(value_model: Any, config: PPOConfig, scorer: Any, *, mesh: Any,
-                 model_config: Any) -> nnx.Module | None:
+                 model_config: Any, policy_vocab_size: int, tokenizer: Any) -> nnx.Module | None:
   """The critic: a ValueModel given or loaded (``value_model_path``, else the reward model's
-  checkpoint / weights, TRL's default), or None for a value head on the policy."""
-  from alignax.models import RewardModel, ValueModel, from_pretrained
+  checkpoint / weights, TRL's default), or None for a value head on the policy.
+
+  Raises:
+    ValueError: the default critic (the reward model's weights) when the reward model's
+      vocabulary is not the policy's: the critic reads the policy's token ids.
+  """
+  from alignax.models import RewardModel, ValueModel
 
   if config.value_head_on_policy:
     if value_model is not None:
@@ -678,18 +745,41 @@ def _value_model(value_model: Any, config: PPOConfig, scorer: Any, *, mesh: Any,
   if value_model is not None and not isinstance(value_model, str):
     raise ValueError(f"value_model must be an alignax ValueModel, a RewardModel or a checkpoint "
                      f"path, got {type(value_model).__name__}")
-  path = path or config.reward_model_path
   if path is not None:
-    if model_config is not None:
-      from alignax.train.trainers import load_model
+    return _load_critic(path, config, mesh=mesh, model_config=model_config)
+  # TRL's default: the critic starts from the reward model's weights.
+  reward_tokenizer = None if scorer is None else scorer.tokenizer
+  if reward_tokenizer is not None and not _same_vocabulary(reward_tokenizer, tokenizer):
+    raise _vocabulary_error(config, "its tokenizer's vocabulary is not the policy's")
+  if config.reward_model_path is not None:
+    critic = _load_critic(config.reward_model_path, config, mesh=mesh, model_config=model_config)
+  elif scorer is not None:
+    critic = _critic_from_reward_model(nnx.merge(scorer._graphdef, scorer._state))
+  else:
+    raise ValueError("ppo needs a critic: pass value_model (or --value_model_path), a reward "
+                     "model to initialise it from, or value_head_on_policy=True")
+  if critic.config.vocab_size != policy_vocab_size:
+    raise _vocabulary_error(config, f"its vocabulary has {critic.config.vocab_size} tokens, the "
+                                    f"policy's {policy_vocab_size}")
+  return critic
 
-      return load_model(path, model_config, mesh=mesh, head="value", seed=config.seed)
-    return from_pretrained(path, mesh=mesh, head="value", seed=config.seed)
-  if scorer is not None:
-    reward = nnx.merge(scorer._graphdef, scorer._state)
-    return _critic_from_reward_model(reward)
-  raise ValueError("ppo needs a critic: pass value_model (or --value_model_path), a reward "
-                   "model to initialise it from, or value_head_on_policy=True")
+
+def _load_critic(path: str, config: PPOConfig, *, mesh: Any, model_config: Any) -> nnx.Module:
+  from alignax.models import from_pretrained
+
+  if model_config is not None:
+    from alignax.train.trainers import load_model
+
+    return load_model(path, model_config, mesh=mesh, head="value", seed=config.seed)
+  return from_pretrained(path, mesh=mesh, head="value", seed=config.seed)
+
+
+def _vocabulary_error(config: PPOConfig, why: str) -> ValueError:
+  source = config.reward_model_path or "the reward model"
+  return ValueError(f"the default critic starts from the reward model ({source}), but {why}: "
+                    "the critic reads the policy's token ids. Pass value_model (or "
+                    "--value_model_path) with the policy's vocabulary, or set "
+                    "value_head_on_policy=True")
 
 
 def _critic_from_reward_model(reward: nnx.Module) -> nnx.Module:
@@ -717,7 +807,8 @@ def _critic_from_reward_model(reward: nnx.Module) -> nnx.Module:
 def ppo(config: PPOConfig, *, model: Any, reward_model: Any = None, reward_funcs: Any = None,
         value_model: Any = None, tokenizer: Any = None, train_dataset: Any = None,
         data: Any = None, mesh: Any = None, reference: nnx.Module | None = None,
-        on_step: Callable[[int, dict[str, float]], None] | None = None) -> Any:
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+        eval_dataset: Any = None) -> Any:
   """Trains a policy and its critic with PPO (see the module docstring) and writes a TRL-style
   ``output_dir`` (the policy in Hugging Face format at its root).
 
@@ -741,6 +832,10 @@ def ppo(config: PPOConfig, *, model: Any, reward_model: Any = None, reward_funcs
     mesh: a mesh (``alignax.make_mesh``), a ``MeshConfig`` or None (every device on ``fsdp``).
     reference: the reference policy; default a copy of the initial policy.
     on_step: called after every optimizer step with its metrics.
+    eval_dataset: the prompts of the in-training evaluation (``config.eval_num_prompts`` > 0):
+      rows with ``prompt``, or None for ``data``'s test split; every ``eval_steps`` the policy is
+      sampled and scored with the training reward against the reference (else a frozen copy of
+      the starting policy) (:func:`alignax.evaluation.trainer_generation_eval`).
 
   Returns:
     ``alignax.train.FitResult``: the policy (trained in place), the final state (of the
@@ -748,7 +843,8 @@ def ppo(config: PPOConfig, *, model: Any, reward_model: Any = None, reward_funcs
 
   Raises:
     ValueError: named bad input (no reward, no prompts, a prompt longer than the position budget,
-      LoRA, ...); ``alignax.rewards.RewardFunctionError`` from a reward function.
+      LoRA, a default critic from a reward model with another vocabulary, ...);
+      ``alignax.rewards.RewardFunctionError`` from a reward function.
   """
   from alignax.data import DataConfig, make_batches, steps_per_epoch
   from alignax.models import CausalLM
@@ -811,7 +907,8 @@ def ppo(config: PPOConfig, *, model: Any, reward_model: Any = None, reward_funcs
   if scorer is None and runner is None:
     raise ValueError("ppo needs a reward: pass reward_model (or --reward_model_path) or "
                      "reward_funcs")
-  critic = _value_model(value_model, config, scorer, mesh=mesh, model_config=model_config)
+  critic = _value_model(value_model, config, scorer, mesh=mesh, model_config=model_config,
+                        policy_vocab_size=model.config.vocab_size, tokenizer=tokenizer)
 
   updates = config.updates_per_round
   max_steps = config.max_steps
@@ -832,12 +929,23 @@ def ppo(config: PPOConfig, *, model: Any, reward_model: Any = None, reward_funcs
     raise ValueError("ref_ema_decay starts the reference at the initial policy and moves it with "
                      "the policy; drop the reference model (or ref_ema_decay for a frozen one)")
   stop_token_ids, eos = _stop_tokens(config, tokenizer, model)
+  if config.missing_eos_penalty is not None and not stop_token_ids:
+    warnings.warn(f"missing_eos_penalty={config.missing_eos_penalty} without stop_token or "
+                  "stop_token_id: the sampler does not stop at EOS, so every completion runs to "
+                  "response_length and pays the penalty unless it emitted EOS somewhere (TRL's "
+                  "behaviour); set stop_token='eos' to end completions at EOS", stacklevel=2)
+  # Taken before the first step, which donates the policy's buffers.
+  generation_eval = _generation_eval(
+    config, model=model, reference=reference, tokenizer=tokenizer, data=data, mesh=mesh,
+    runner=runner, scorer=scorer, prompts=eval_dataset, stop_token_ids=stop_token_ids)
   actor_critic = ActorCritic(model, critic, seed=config.seed)
   graphdef, params, frozen = nnx.split(actor_critic, nnx.Param, ...)
   optimizer, step_fn = _compiled_step(graphdef, _StepKey.of(config, max_steps))
   state = place_on_mesh(init_state(params, optimizer, frozen=frozen, seed=config.seed), mesh)
+  # kl_coef = 0 with a fixed coefficient: the penalty is 0, so no reference forward.
+  needs_reference = config.kl_coef > 0 or config.target_kl is not None
   ref = _Reference(reference if reference is not None else model,
-                   ema=config.ref_ema_decay is not None)
+                   ema=config.ref_ema_decay is not None) if needs_reference else None
   kl = _KLCoefficient(config)
   make_rollout = _Rollout(config=config, graphdef=graphdef, reference=ref, kl=kl, scorer=scorer,
                           runner=runner, tokenizer=tokenizer, mesh=mesh,
@@ -869,14 +977,26 @@ def ppo(config: PPOConfig, *, model: Any, reward_model: Any = None, reward_funcs
     nnx.update(actor_critic, state.params, state.frozen)
     (export or default_export(tokenizer))(model, config.output_dir)
 
+  def evaluate(state: TrainState) -> dict[str, float]:
+    nnx.update(actor_critic, state.params, state.frozen)
+    return generation_eval(model)
+
+  def close() -> None:
+    try:
+      if generation_eval is not None:
+        generation_eval.close()
+    finally:
+      if hasattr(runner, "close"):
+        runner.close()
+
   result = run_rounds(
     config, state=state, mesh=mesh, iterator=iterator, rollout=rollout, update=update,
     max_steps=max_steps, updates_per_round=updates, algorithm="ppo",
     run_config={"rollout_rows": rollout_rows, "data_config": dataclasses.asdict(data),
                  **({"model_config": dataclasses.asdict(model_config)}
                     if model_config is not None else {})},
-    export=export_model, on_step=on_step, on_close=getattr(runner, "close", None),
-    host_state=kl)
+    export=export_model, on_step=on_step, on_close=close, host_state=kl,
+    evaluate=None if generation_eval is None else evaluate)
   return FitResult(model=model, state=result.state, history=result.history)
 
 
@@ -900,6 +1020,29 @@ def _stop_tokens(config: PPOConfig, tokenizer: Any, model: nnx.Module
   return (), None if eos is None else int(eos)
 
 
+def _generation_eval(config: PPOConfig, *, model: nnx.Module, reference: nnx.Module | None,
+                     tokenizer: Any, data: Any, mesh: jax.sharding.Mesh, runner: Any,
+                     scorer: Any, prompts: Any, stop_token_ids: tuple[int, ...]) -> Any:
+  """The in-training evaluation of ``config.eval_num_prompts`` (None when 0): the policy against
+  the reference when one was given or loaded, else a frozen copy of the policy taken now, before
+  the first step; scored with the training reward (the reward functions' runner, else the reward
+  model)."""
+  if not config.eval_num_prompts:
+    return None
+  from alignax.evaluation import frozen_copy, trainer_generation_eval
+
+  baseline = reference if reference is not None else frozen_copy(model)
+  options = {"reward_funcs": runner if runner is not None else [scorer]}
+  if runner is not None and scorer is not None:  # the training reward: the model's score + funcs
+    options = {"reward_funcs": [scorer, *runner.sources],
+               "reward_weights": [1.0, *map(float, runner.weights)],
+               "reward_names": [scorer.name, *runner.names]}
+  return trainer_generation_eval(
+    config, tokenizer=tokenizer, data=data, baseline=baseline, mesh=mesh, prompts=prompts,
+    stop_token_ids=stop_token_ids,
+    max_position_embeddings=model.config.max_position_embeddings, **options)
+
+
 def _reward_runner(config: PPOConfig, reward_funcs: Any) -> Any:
   from alignax.rewards import RewardRunner
 
@@ -909,6 +1052,10 @@ def _reward_runner(config: PPOConfig, reward_funcs: Any) -> Any:
     [reward_funcs] if callable(reward_funcs) or isinstance(reward_funcs, str)
     else list(reward_funcs))
   if not sources:
+    if config.reward_weights is not None:
+      raise ValueError(f"reward_weights={config.reward_weights} weight reward functions, and "
+                       "there are none: pass reward_funcs (or --reward_funcs), or drop "
+                       "reward_weights")
     return None
   return RewardRunner(sources, weights=config.reward_weights,
                       max_completion_len=config.response_length)
@@ -927,7 +1074,7 @@ class _StepKey:
   adam_beta1: float
   adam_beta2: float
   adam_epsilon: float
-  max_grad_norm: float
+  max_grad_norm: float | None
   cliprange: float
   vf_coef: float
   cliprange_value: float
