@@ -941,7 +941,8 @@ def grpo(config: GRPOConfig, *, model: Any, reward_funcs: Any = None, tokenizer:
 
   generation_eval = _generation_eval(config, model=model, reference=reference,
                                      trainable=trainable, tokenizer=tokenizer, data=data,
-                                     mesh=mesh, runner=runner, prompts=eval_dataset)
+                                     mesh=mesh, runner=runner, prompts=eval_dataset,
+                                     stop_token_ids=stop_token_ids)
 
   def update(state: TrainState, batch: Any, iteration: int):
     del iteration  # every update of a round takes the whole generation batch
@@ -996,10 +997,12 @@ def _check_multi_host_rewards(runner: Any) -> None:
 
 def _generation_eval(config: GRPOConfig, *, model: nnx.Module, reference: nnx.Module | None,
                      trainable: Any, tokenizer: Any, data: Any, mesh: jax.sharding.Mesh,
-                     runner: Any, prompts: Any) -> Any:
+                     runner: Any, prompts: Any, stop_token_ids: tuple[int, ...] | None) -> Any:
   """The in-training evaluation of ``config.eval_num_prompts`` (None when 0): the policy against
   its starting point, the reference when one was given or loaded, the adapters-off view with
-  LoRA, else a frozen copy of the model taken now, before the first step."""
+  LoRA, else a frozen copy of the model taken now, before the first step. It scores with the
+  training runner (its weights and names make ``eval/reward`` the training reward) and stops
+  where the rollouts stop."""
   if not config.eval_num_prompts:
     return None
   from alignax.evaluation import frozen_copy, trainer_generation_eval
@@ -1011,8 +1014,13 @@ def _generation_eval(config: GRPOConfig, *, model: nnx.Module, reference: nnx.Mo
     baseline = lora_disabled
   else:
     baseline = frozen_copy(model)
-  return trainer_generation_eval(config, tokenizer=tokenizer, data=data, baseline=baseline,
-                                 mesh=mesh, reward_funcs=runner.sources, prompts=prompts)
+  from alignax.sampling import default_stop_token_ids
+
+  return trainer_generation_eval(
+    config, tokenizer=tokenizer, data=data, baseline=baseline, mesh=mesh, reward_funcs=runner,
+    prompts=prompts,
+    stop_token_ids=stop_token_ids if stop_token_ids is not None else default_stop_token_ids(model),
+    max_position_embeddings=model.config.max_position_embeddings)
 
 
 @dataclasses.dataclass(frozen=True)
