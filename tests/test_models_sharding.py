@@ -135,8 +135,11 @@ def test_sharded_load_matches_unsharded_logits_and_gradients(tmp_path_factory, m
     np.asarray(want_out.logits)[np.asarray(mask)],
     atol=1e-5,
   )
+  # Sharded and unsharded programs sum the same terms in different orders: float32 rounding
+  # relative to each gradient's own scale (its largest entry), not an absolute floor.
   for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
-    np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-4)
+    w = np.asarray(w)
+    np.testing.assert_allclose(g, w, atol=1e-4 * float(np.abs(w).max()), rtol=1e-4)
 
 
 def test_shard_model_places_an_existing_model_and_heads_follow(tmp_path_factory, mesh):
