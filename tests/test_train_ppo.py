@@ -483,3 +483,22 @@ def test_eos_stops_unequal_completions_and_in_training_eval(setup, tmp_path, mon
   assert [m["step"] for m in evals] == [2, 4]
   for m in evals:
     assert np.isfinite(m["eval/reward"]) and np.isfinite(m["eval/kl"]), m
+
+
+def test_truncated_importance_sampling_reweights_the_policy_term(setup, tmp_path):
+  """The sampler/trainer correction: at cap 3 the ratios (trainer and sampler agree here) are 1 and
+  weigh nothing; in token_mask mode with a cap below them every token is dropped, so the policy
+  term is exactly 0 while the value loss still trains."""
+  _, kept = _run(setup, _config(tmp_path / "kept", max_steps=UPDATES, logging_steps=1,
+                                save_steps=UPDATES, importance_sampling_correction=True))
+  assert kept[0]["sampling/importance_sampling_ratio/mean"] == pytest.approx(1.0, abs=1e-3)
+  assert kept[0]["sampling/importance_sampling_ratio/max"] <= 3.0
+  _, masked = _run(setup, _config(tmp_path / "masked", max_steps=UPDATES, logging_steps=1,
+                                  save_steps=UPDATES, importance_sampling_correction=True,
+                                  importance_sampling_mode="token_mask",
+                                  importance_sampling_cap=0.5))
+  assert masked[0]["sampling/importance_sampling_ratio/max"] == 0.0
+  assert all(h["loss/policy_avg"] == 0.0 for h in masked)
+  assert kept[0]["loss/policy_avg"] != 0.0 and masked[0]["loss/value_avg"] > 0.0
+  with pytest.raises(ValueError, match="importance_sampling_mode"):
+    _config(tmp_path, importance_sampling_mode="per_token")

@@ -61,8 +61,9 @@ from alignax import _validate
 from alignax.aggregation import masked_count
 from alignax.kl import KL_ESTIMATORS
 from alignax.train.config import TrainingConfig
-from alignax.train.online import (Round, as_text, check_prompt_budget, completion_logprobs, fetch,
-                                  gather_objects, gather_rows, micro_batched_logprobs,
+from alignax.train.online import (IMPORTANCE_SAMPLING_MODES, Round, as_text, check_prompt_budget,
+                                  completion_logprobs, fetch, gather_objects, gather_rows,
+                                  importance_metrics, importance_weights, micro_batched_logprobs,
                                   place_micro_batches, prompt_dataset, run_rounds,
                                   to_token_positions)
 from alignax.train.step import Objective, TrainState
@@ -74,7 +75,6 @@ GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo")
 SCALE_REWARDS = ("group", "batch", "none")
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 REWARD_ON_TIMEOUT = ("error", "none")
 # TRL's std epsilon of the group normalisation (verl uses 1e-6, OpenRLHF 1e-9).
 REWARD_STD_EPS = 1e-4
@@ -730,30 +730,12 @@ class _Rollout:
                  completions=table, trainable=trainable)
 
   def _importance_metrics(self, weights: np.ndarray, valid: np.ndarray) -> dict[str, float]:
-    """``sampling/importance_sampling_ratio/{min,mean,max}``: over the loss's tokens, or in a
-    ``sequence_*`` mode over its rows, one value each (TRL reduces the ``[B, 1]`` ratios; a
-    token-weighted mean counted a long completion's ratio once per token)."""
-    if self.config.importance_sampling_mode.startswith("sequence"):
-      # Every valid token of a row carries the row's weight.
-      values = np.max(np.where(valid, weights, -np.inf), axis=1)[valid.any(axis=1)]
-    else:
-      values = weights[valid]
-    return {f"sampling/importance_sampling_ratio/{name}": (float(fn(values)) if values.size
-                                                             else 0.0)
-            for name, fn in (("min", np.min), ("mean", np.mean), ("max", np.max))}
+    return importance_metrics(weights, valid, mode=self.config.importance_sampling_mode)
 
   def _importance_weights(self, old_logp, sampler_logp, valid):
     c = self.config
-    log_ratio = np.where(valid, old_logp - sampler_logp, 0.0)
-    if c.importance_sampling_mode.startswith("sequence"):
-      log_ratio = np.broadcast_to(log_ratio.sum(axis=1, keepdims=True), log_ratio.shape)
-    ratio = np.exp(np.minimum(log_ratio, 50.0))
-    if c.importance_sampling_mode.endswith("truncate"):
-      weights = np.minimum(ratio, c.importance_sampling_cap)
-    else:
-      # Masking keeps the ratio where it is within the cap and drops the token (or sequence) beyond.
-      weights = np.where(ratio <= c.importance_sampling_cap, ratio, 0.0)
-    return np.where(valid, weights, 0.0).astype(np.float32)
+    return importance_weights(old_logp, sampler_logp, valid, mode=c.importance_sampling_mode,
+                              cap=c.importance_sampling_cap)
 
   def _length_metrics(self, lengths: np.ndarray, stopped: np.ndarray) -> dict[str, float]:
     terminated = lengths[stopped]

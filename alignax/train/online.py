@@ -573,3 +573,50 @@ class _Window:
       out["skipped_updates"] = 0.0
     self.__init__()
     return out
+
+
+# Truncated importance sampling over the sampler/trainer log-prob difference (TRL's
+# vllm_importance_sampling_* options): how the ratio old/sampler weighs the policy term.
+IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def importance_weights(old_logp: np.ndarray, sampler_logp: np.ndarray, valid: np.ndarray, *,
+                       mode: str, cap: float) -> np.ndarray:
+  r"""Weights :math:`w` of the policy term for tokens the sampler drew from a distribution slightly
+  apart from the trainer's: :math:`\rho = \pi_\text{train}(y) / \pi_\text{sampler}(y)` per token
+  (``token_*``) or per sequence (``sequence_*``, the product over the row's tokens), then
+  :math:`\min(\rho, C)` (``*_truncate``) or :math:`\rho\,[\rho \le C]` (``*_mask``).
+
+  Args:
+    old_logp, sampler_logp: ``[B, L]`` log-probs of the stored tokens under the trainer's forward
+      and the sampler.
+    valid: ``[B, L]`` the loss's tokens (weights are 0 elsewhere).
+    mode: one of :data:`IMPORTANCE_SAMPLING_MODES`.
+    cap: :math:`C > 0`.
+
+  Returns:
+    ``[B, L]`` float32 weights.
+  """
+  log_ratio = np.where(valid, old_logp - sampler_logp, 0.0)
+  if mode.startswith("sequence"):
+    log_ratio = np.broadcast_to(log_ratio.sum(axis=1, keepdims=True), log_ratio.shape)
+  ratio = np.exp(np.minimum(log_ratio, 50.0))
+  if mode.endswith("truncate"):
+    weights = np.minimum(ratio, cap)
+  else:  # masking keeps the ratio within the cap and drops the token (or sequence) beyond it
+    weights = np.where(ratio <= cap, ratio, 0.0)
+  return np.where(valid, weights, 0.0).astype(np.float32)
+
+
+def importance_metrics(weights: np.ndarray, valid: np.ndarray, *, mode: str) -> dict[str, float]:
+  """``sampling/importance_sampling_ratio/{min,mean,max}``: over the loss's tokens, or in a
+  ``sequence_*`` mode over its rows, one value each (TRL reduces the ``[B, 1]`` ratios; a
+  token-weighted mean would count a long completion's ratio once per token)."""
+  if mode.startswith("sequence"):  # every valid token of a row carries the row's weight
+    values = np.max(np.where(valid, weights, -np.inf), axis=1)[valid.any(axis=1)]
+  else:
+    values = weights[valid]
+  return {f"sampling/importance_sampling_ratio/{name}": (float(fn(values)) if values.size
+                                                           else 0.0)
+          for name, fn in (("min", np.min), ("mean", np.mean), ("max", np.max))}
+

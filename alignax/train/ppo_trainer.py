@@ -86,7 +86,8 @@ from jaxtyping import Array, Bool, Float
 
 from alignax import _validate
 from alignax.train.config import TrainingConfig
-from alignax.train.online import (as_text, check_prompt_budget, place_micro_batches,
+from alignax.train.online import (IMPORTANCE_SAMPLING_MODES, as_text, check_prompt_budget,
+                                  importance_metrics, importance_weights, place_micro_batches,
                                   prompt_dataset, shard_rows, stored_logprobs, to_token_positions)
 from alignax.train.step import Objective, TrainState
 
@@ -152,6 +153,12 @@ class PPOConfig(TrainingConfig):
     cliprange_value: the value clip range (TRL: 0.2).
     gamma: GAE's discount γ (TRL: 1.0).
     lam: GAE's λ (TRL: 0.95).
+    importance_sampling_correction: multiply the policy term by the truncated (or masked) ratio of
+      the trainer's to the sampler's probability of each sampled token (as GRPO's option and
+      TRL's ``vllm_importance_sampling_correction``; off by default: the sampler is alignax's own).
+    importance_sampling_mode: ``token_truncate`` | ``token_mask`` | ``sequence_truncate`` |
+      ``sequence_mask`` (``alignax.train.online.importance_weights``).
+    importance_sampling_cap: the ratio's upper bound.
     log_completions: write completions with their scores to ``output_dir/completions/`` every
       ``logging_steps``.
   """
@@ -182,12 +189,19 @@ class PPOConfig(TrainingConfig):
   cliprange_value: float = 0.2
   gamma: float = 1.0
   lam: float = 0.95
+  importance_sampling_correction: bool = False
+  importance_sampling_mode: str = dataclasses.field(default="token_truncate",
+                                                    metadata={"choices": IMPORTANCE_SAMPLING_MODES})
+  importance_sampling_cap: float = 3.0
   log_completions: bool = True
   # TRL's PPO loop never clips the gradient.
   max_grad_norm: float | None = None
 
   def __post_init__(self):
     super().__post_init__()
+    _validate.choice("importance_sampling_mode", self.importance_sampling_mode,
+                     IMPORTANCE_SAMPLING_MODES)
+    _validate.positive("importance_sampling_cap", self.importance_sampling_cap)
     for name in ("num_ppo_epochs", "num_mini_batches", "response_length"):
       _validate.positive_int(name, getattr(self, name))
     if self.total_episodes is not None:
@@ -584,7 +598,15 @@ class _Rollout:
       jnp.asarray(valid), jnp.asarray(kl_coef, jnp.float32), kl_estimator=c.kl_estimator,
       whiten_rewards=c.whiten_rewards, gamma=c.gamma, lam=c.lam))
     shaped = {k: np.asarray(v, np.float32) for k, v in shaped.items()}
-    batch.update(old_logp=old_logp, values=values, advantages=shaped["advantages"],
+    advantages = shaped["advantages"]
+    if c.importance_sampling_correction:
+      # The weight w >= 0 scales both sides of the clipped surrogate's min: weighting the
+      # advantage weights the policy term (the value loss is left as it is).
+      weights = importance_weights(old_logp, sampler_logp, valid,
+                                   mode=c.importance_sampling_mode, cap=c.importance_sampling_cap)
+      metrics.update(importance_metrics(weights, valid, mode=c.importance_sampling_mode))
+      advantages = advantages * weights
+    batch.update(old_logp=old_logp, values=values, advantages=advantages,
                  returns=shaped["returns"])
 
     kl_per_row = shaped["kl"].sum(axis=1)
