@@ -61,6 +61,7 @@ from alignax import _validate
 from alignax.aggregation import masked_count
 from alignax.kl import KL_ESTIMATORS
 from alignax.train.config import TrainingConfig
+from alignax.train.optim import OptimizerOptions
 from alignax.train.online import (IMPORTANCE_SAMPLING_MODES, Round, as_text, check_prompt_budget,
                                   completion_logprobs, fetch, gather_objects, gather_rows,
                                   importance_metrics, importance_weights, micro_batched_logprobs,
@@ -1009,16 +1010,7 @@ def _generation_eval(config: GRPOConfig, *, model: nnx.Module, reference: nnx.Mo
 class _StepKey:
   """The options the compiled update depends on (the optimizer's and the objective's)."""
 
-  learning_rate: float
-  max_steps: int
-  lr_scheduler_type: str
-  warmup_steps: int
-  warmup_ratio: float
-  weight_decay: float
-  adam_beta1: float
-  adam_beta2: float
-  adam_epsilon: float
-  max_grad_norm: float
+  optimizer: OptimizerOptions
   loss_type: str
   epsilon: float
   epsilon_high: float | None
@@ -1032,8 +1024,8 @@ class _StepKey:
   @classmethod
   def of(cls, config: GRPOConfig, max_steps: int) -> "_StepKey":
     epsilon, epsilon_high = config.clip_range
-    resolved = {"max_steps": max_steps, "epsilon": epsilon, "epsilon_high": epsilon_high,
-                "importance_sampling_level": config.ratio_level}
+    resolved = {"optimizer": OptimizerOptions.of(config, max_steps), "epsilon": epsilon,
+                "epsilon_high": epsilon_high, "importance_sampling_level": config.ratio_level}
     names = [f.name for f in dataclasses.fields(cls) if f.name not in resolved]
     return cls(**resolved, **{name: getattr(config, name) for name in names})
 
@@ -1043,14 +1035,9 @@ def _compiled_step(graphdef: nnx.GraphDef, key: _StepKey):
   """``(optimizer, jitted step)`` for a model structure and options; cached, so runs that differ
   only in data, output directory or resume point (a resumed run, a sweep over seeds) compile the
   step once per process."""
-  from alignax.train.optim import make_optimizer
   from alignax.train.step import make_train_step
 
-  optimizer, schedule = make_optimizer(
-    key.learning_rate, max_steps=key.max_steps, lr_scheduler_type=key.lr_scheduler_type,
-    warmup_steps=key.warmup_steps, warmup_ratio=key.warmup_ratio,
-    weight_decay=key.weight_decay, adam_beta1=key.adam_beta1, adam_beta2=key.adam_beta2,
-    adam_epsilon=key.adam_epsilon, max_grad_norm=key.max_grad_norm)
+  optimizer, schedule = key.optimizer.build()
   objective = grpo_objective(
     graphdef, loss_type=key.loss_type, epsilon=key.epsilon, epsilon_high=key.epsilon_high,
     beta=key.beta, kl_estimator=key.kl_estimator,

@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from alignax.train.checkpoint import Checkpointer, resolve_resume
 from alignax.train.config import TrainingConfig
 from alignax.train.logger import TRAINER_STATE_FILE, MetricsLogger
-from alignax.train.optim import make_optimizer
+from alignax.train.optim import OptimizerOptions
 from alignax.train.step import (Objective, TrainState, check_finite, init_state, make_train_step,
                                 split_micro_batches)
 
@@ -146,12 +146,7 @@ def fit(model: nnx.Module, objective_fn: Callable[[nnx.GraphDef], Objective],
     reference_graphdef, reference_state = nnx.split(reference)
     frozen = (frozen, reference_state)
     objective_options["reference_graphdef"] = reference_graphdef
-  optimizer, schedule = make_optimizer(
-    config.learning_rate, max_steps=max_steps, lr_scheduler_type=config.lr_scheduler_type,
-    warmup_steps=config.warmup_steps, warmup_ratio=config.warmup_ratio,
-    weight_decay=config.weight_decay, adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
-    adam_epsilon=config.adam_epsilon, max_grad_norm=config.max_grad_norm,
-  )
+  optimizer, schedule = OptimizerOptions.of(config, max_steps).build()
   state = place_on_mesh(init_state(params, optimizer, frozen=frozen, seed=config.seed), mesh)
   objective = objective_fn(graphdef, **objective_options)
   step_fn = jax.jit(_counting_tokens(make_train_step(objective, optimizer, schedule=schedule)),

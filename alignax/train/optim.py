@@ -10,6 +10,7 @@ Schedules (``lr_scheduler_type``), with peak rate η, W warmup steps and N total
 * ``constant``: η from the first step (no warmup allowed).
 """
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -105,6 +106,37 @@ def make_optimizer(learning_rate: float, *, max_steps: int,
   if max_grad_norm:
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw), schedule
   return adamw, schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerOptions:
+  """A config's :func:`make_optimizer` arguments, hashable: the part of a trainer's cache key for
+  its compiled step that the optimizer decides."""
+
+  learning_rate: float
+  max_steps: int
+  lr_scheduler_type: str
+  warmup_steps: int
+  warmup_ratio: float
+  weight_decay: float
+  adam_beta1: float
+  adam_beta2: float
+  adam_epsilon: float
+  max_grad_norm: float | None
+
+  @classmethod
+  def of(cls, config: Any, max_steps: int) -> "OptimizerOptions":
+    """From a ``TrainingConfig`` and the run's resolved ``max_steps``."""
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "max_steps"]
+    if (config.lr_scheduler_type == "constant" and not config.warmup_steps
+        and not config.warmup_ratio):
+      # A constant schedule has no horizon: runs of any length share the compiled step.
+      max_steps = 1
+    return cls(max_steps=max_steps, **{name: getattr(config, name) for name in names})
+
+  def build(self) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``make_optimizer`` with these options: ``(optimizer, schedule)``."""
+    return make_optimizer(**dataclasses.asdict(self))
 
 
 def global_norm(tree: Any) -> jax.Array:

@@ -86,6 +86,7 @@ from jaxtyping import Array, Bool, Float
 
 from alignax import _validate
 from alignax.train.config import TrainingConfig
+from alignax.train.optim import OptimizerOptions
 from alignax.train.online import (IMPORTANCE_SAMPLING_MODES, as_text, check_prompt_budget,
                                   importance_metrics, importance_weights, place_micro_batches,
                                   prompt_dataset, shard_rows, stored_logprobs, to_token_positions)
@@ -1087,16 +1088,7 @@ def _reward_runner(config: PPOConfig, reward_funcs: Any) -> Any:
 class _StepKey:
   """The options the compiled update depends on (the optimizer's and the objective's)."""
 
-  learning_rate: float
-  max_steps: int
-  lr_scheduler_type: str
-  warmup_steps: int
-  warmup_ratio: float
-  weight_decay: float
-  adam_beta1: float
-  adam_beta2: float
-  adam_epsilon: float
-  max_grad_norm: float | None
+  optimizer: OptimizerOptions
   cliprange: float
   vf_coef: float
   cliprange_value: float
@@ -1105,26 +1097,18 @@ class _StepKey:
 
   @classmethod
   def of(cls, config: PPOConfig, max_steps: int) -> "_StepKey":
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "max_steps"]
-    if (config.lr_scheduler_type == "constant" and not config.warmup_steps
-        and not config.warmup_ratio):
-      # A constant schedule has no horizon: runs of any length share the compiled step.
-      max_steps = 1
-    return cls(max_steps=max_steps, **{name: getattr(config, name) for name in names})
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "optimizer"]
+    return cls(optimizer=OptimizerOptions.of(config, max_steps),
+               **{name: getattr(config, name) for name in names})
 
 
 @functools.lru_cache(maxsize=4)
 def _compiled_step(graphdef: nnx.GraphDef, key: _StepKey):
   """``(optimizer, jitted step)`` for a model structure and options; cached, so runs that differ
   only in data, output directory or resume point compile the step once per process."""
-  from alignax.train.optim import make_optimizer
   from alignax.train.step import make_train_step
 
-  optimizer, schedule = make_optimizer(
-    key.learning_rate, max_steps=key.max_steps, lr_scheduler_type=key.lr_scheduler_type,
-    warmup_steps=key.warmup_steps, warmup_ratio=key.warmup_ratio,
-    weight_decay=key.weight_decay, adam_beta1=key.adam_beta1, adam_beta2=key.adam_beta2,
-    adam_epsilon=key.adam_epsilon, max_grad_norm=key.max_grad_norm)
+  optimizer, schedule = key.optimizer.build()
   if key.ref_ema_decay is not None:
     # Last in the chain: it averages the parameters the step produces.
     optimizer = optax.chain(optimizer, reference_ema(key.ref_ema_decay,
